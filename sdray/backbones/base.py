@@ -1,0 +1,144 @@
+"""The one interface every frozen backbone implements: :class:`Preprocessor` and :class:`Backbone`.
+
+A backbone maps captions and images to the hidden vectors *just before* its final projection
+layer (DESIGN.md §1); sdray trains only copies of those final layers plus a sparse head. The
+preprocessor is the light half: tokenizer and image normalisation, no model weights, picklable,
+so Ray Data workers can run it inside ``map_batches``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+
+class Preprocessor:
+    """Tokenises captions and resizes + normalises images the way a backbone's weights expect.
+
+    Images: RGB, resized to ``image_size`` square (or, with ``center_crop``, shortest edge to
+    ``image_size`` then a central square crop), then per channel ``(pixel * rescale - mean) / std``
+    with ``pixel`` the uint8 value in [0, 255].
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer (pickles with its vocabulary).
+        max_text_length: captions are truncated and padded to exactly this many tokens.
+        image_size: side S of the square model input.
+        vocab_size: rows of the text encoder's word-embedding table (the sparse vocabulary |V|).
+        mean, std: per-channel normalisation constants (3 floats each), after ``rescale``.
+        rescale: factor applied to uint8 pixels before normalising (1/255 for HF processors).
+        resample: PIL resampling filter for the resize.
+        center_crop: resize shortest edge then crop, instead of a direct (aspect-changing) resize.
+    """
+
+    def __init__(self, tokenizer, *, max_text_length: int, image_size: int, vocab_size: int,
+                 mean, std, rescale: float, resample: int = Image.BICUBIC, center_crop: bool = False):
+        self.tokenizer = tokenizer
+        self.max_text_length = max_text_length
+        self.image_size = image_size
+        self.vocab_size = vocab_size
+        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+        self.rescale = float(rescale)
+        self.resample = int(resample)
+        self.center_crop = center_crop
+        self._vocabulary: list[str] | None = None
+
+    def _resize(self, image: Image.Image) -> Image.Image:
+        size = self.image_size
+        image = image.convert("RGB")
+        if not self.center_crop:
+            return image.resize((size, size), self.resample)
+        w, h = image.size
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((w, h), self.resample)
+        left, top = (w - size) // 2, (h - size) // 2
+        return image.crop((left, top, left + size, top + size))
+
+    def images(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images -> float32 array (B, 3, S, S), normalised for the backbone's weights."""
+        out = np.empty((len(images), 3, self.image_size, self.image_size), np.float32)
+        for i, image in enumerate(images):
+            pixels = np.asarray(self._resize(image), np.float32).transpose(2, 0, 1)
+            out[i] = (pixels * self.rescale - self.mean) / self.std
+        return out
+
+    def texts(self, captions: list[str]) -> dict[str, np.ndarray]:
+        """Captions -> ``input_ids`` and ``attention_mask``, int64 (B, max_text_length)."""
+        enc = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                             max_length=self.max_text_length, return_attention_mask=True,
+                             return_tensors="np")
+        return {k: np.asarray(enc[k], np.int64) for k in ("input_ids", "attention_mask")}
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """Token id -> word piece, ``vocab_size`` entries; ids the tokenizer lacks read ``[unusedN]``."""
+        if self._vocabulary is None:
+            pieces = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
+            self._vocabulary = [p if p is not None else f"[unused{i}]" for i, p in enumerate(pieces)]
+        return self._vocabulary
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_vocabulary": None}
+
+
+class Backbone(nn.Module):
+    """A frozen vision-language backbone: pre-projection features plus its final layers.
+
+    Subclasses set the towers and ``_text_proj`` / ``_vision_proj`` (the final layers sdray
+    re-trains) and implement :meth:`text_features`, :meth:`image_features` and
+    :meth:`_word_embedding`. Call :meth:`_freeze` at the end of ``__init__``.
+
+    Attributes:
+        name: backbone kind (``packaged``, ``clip``, ``blip``, ``siglip``).
+        text_dim, image_dim: sizes of the pre-projection text and image features.
+        proj_dim: output size of the final projections.
+        vocab_size: word-embedding rows, the sparse vocabulary |V|.
+        preprocessor: the matching :class:`Preprocessor`.
+    """
+
+    name: str
+    _text_proj: nn.Linear
+    _vision_proj: nn.Linear
+
+    def __init__(self, preprocessor: Preprocessor):
+        super().__init__()
+        self.preprocessor = preprocessor
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+        self.text_dim = self._text_proj.in_features
+        self.image_dim = self._vision_proj.in_features
+        self.proj_dim = self._text_proj.out_features
+        self.vocab_size = self._word_embedding().num_embeddings
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """Stays in eval mode whatever ``mode`` says: the backbone is frozen (no dropout)."""
+        return super().train(False)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """int64 (B, L) ids and mask -> float (B, text_dim) pre-projection caption features."""
+        raise NotImplementedError
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float (B, 3, S, S) normalised pixels -> float (B, image_dim) pre-projection features."""
+        raise NotImplementedError
+
+    def _word_embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def word_embeddings(self) -> torch.Tensor:
+        """A detached copy of the text encoder's token embeddings, (vocab_size, E)."""
+        return self._word_embedding().weight.detach().clone()
+
+    def initial_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """Fresh trainable copies of (text_proj: text_dim->proj_dim, vision_proj: image_dim->proj_dim)."""
+        copies = copy.deepcopy(self._text_proj), copy.deepcopy(self._vision_proj)
+        for layer in copies:
+            layer.requires_grad_(True)
+        return copies

@@ -1,0 +1,240 @@
+"""Typed configuration for every sdray knob, with the paper's presets.
+
+One :class:`SdrayConfig` describes a run: the backbone, the trainable heads, the loss, the
+optimiser, the data pipeline, search-time fusion and checkpoint selection. Every field has a
+default that works on the embedded setup (2 CPU cores, packaged backbone, generated data).
+Unknown keys and out-of-range values are rejected with a :class:`ConfigError` whose message
+names the offending key (``loss.w1: ...``).
+
+Presets ``blip-coco``, ``blip-flickr``, ``albef-coco`` and ``albef-flickr`` carry the official
+per-setting values of Song et al. (CIKM 2025), from the authors' configs (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that does not validate; the message names each bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(_Strict):
+    """Which frozen vision-language backbone produces the pre-projection features."""
+
+    name: Literal["packaged", "clip", "blip", "siglip"] = "packaged"
+    path: str | None = Field(
+        None, description="Hub id or local folder for clip/blip/siglip; unused for 'packaged'."
+    )
+    image_size: int = Field(224, ge=32, le=1024, description="Square input side in pixels.")
+    max_text_length: int = Field(32, ge=4, le=512, description="Caption tokens after truncation.")
+
+    @model_validator(mode="after")
+    def _path_for_hub_models(self) -> "BackboneConfig":
+        if self.name != "packaged" and not self.path:
+            raise ValueError(f"backbone.path is required for backbone '{self.name}'")
+        return self
+
+
+class HeadConfig(_Strict):
+    """The trainable part: per-modality dense projections and the shared sparse head."""
+
+    dense_dim: int = Field(256, ge=8, le=4096, description="Projection size of fresh final layers.")
+    sparse_hidden: int | None = Field(
+        None, ge=8, le=8192, description="Sparse head hidden size; default: word-embedding size."
+    )
+    init_vocab_from_embeddings: bool = True
+    tau_init: float = Field(0.07, gt=0.0, le=1.0)
+    tau_min: float = Field(0.001, gt=0.0, le=1.0)
+    tau_max: float = Field(0.5, gt=0.0, le=1.0)
+    topk_text: int | None = Field(None, ge=1, description="Keep the top-k terms per caption.")
+    topk_image: int | None = Field(None, ge=1, description="Keep the top-k terms per image.")
+
+    @model_validator(mode="after")
+    def _tau_range(self) -> "HeadConfig":
+        if not self.tau_min <= self.tau_init <= self.tau_max:
+            raise ValueError("heads.tau_init must lie in [heads.tau_min, heads.tau_max]")
+        return self
+
+
+class LossConfig(_Strict):
+    """Training objective (DESIGN.md §1): ``joint``, or the baselines ``dense`` and ``d2s``."""
+
+    method: Literal["dense", "d2s", "joint"] = "joint"
+    w1: float = Field(0.1, ge=0.0, le=100.0, description="Dense weight in s_int.")
+    w2: float = Field(0.1, ge=0.0, le=100.0, description="Sparse weight in s_int.")
+    lambda1: float = Field(0.9, ge=0.0, le=100.0, description="Weight of the dense terms.")
+    lambda2: float = Field(0.3, ge=0.0, le=100.0, description="Weight of the sparse terms.")
+    q_reg: float = Field(5e-4, ge=0.0, le=10.0, description="Caption sparsity weight.")
+    d_reg: float = Field(3e-5, ge=0.0, le=10.0, description="Image sparsity weight.")
+    regularizer: Literal["l1", "flops"] = "l1"
+    reg_warmup_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    detach_teacher: bool = True
+    teacher_orientation: Literal["correct", "official"] = "correct"
+    expansion_control: bool = False
+    expansion_end_fraction: float = Field(0.95, gt=0.0, le=1.0)
+    d2s_l1: float = Field(1e-3, ge=0.0, le=10.0, description="L1 weight of the d2s baseline.")
+
+
+class OptimConfig(_Strict):
+    """AdamW with linear warm-up then linear decay, as in the official code."""
+
+    lr: float = Field(5e-5, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.05, ge=0.0, le=1.0)
+    warmup_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(256, ge=2, le=65536)
+    epochs: int = Field(10, ge=1, le=10000)
+    amp: bool = Field(True, description="fp16 autocast when a GPU is used.")
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    """How shards are read: shuffling, bad-input limits and reader parallelism."""
+
+    shuffle_files: bool = True
+    shuffle_buffer: int = Field(1024, ge=0)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb limit.")
+    max_caption_bytes: int = Field(4096, ge=1)
+    read_batch_size: int = Field(64, ge=1)
+
+
+class FusionConfig(_Strict):
+    """Search-time hybrid scoring (DESIGN.md §1, "Scoring at search time")."""
+
+    method: Literal["raw", "calibrated", "rrf"] = "calibrated"
+    w1: float | None = Field(None, ge=0.0, description="Default: loss.w1.")
+    w2: float | None = Field(None, ge=0.0, description="Default: loss.w2.")
+    rrf_k: float = Field(60.0, gt=0.0)
+
+
+class SelectionConfig(_Strict):
+    """Which checkpoint is kept: the best metric among epochs within a sparsity budget."""
+
+    metric: str = Field("rsum_sparse", description="rsum_dense | rsum_sparse | rsum_hybrid | t2i.sparse.R@1 ...")
+    max_nnz: float | None = Field(256.0, gt=0.0, description="Budget on mean nnz per text and image.")
+    patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
+
+
+class SdrayConfig(_Strict):
+    """A whole run."""
+
+    backbone: BackboneConfig = BackboneConfig()
+    heads: HeadConfig = HeadConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    fusion: FusionConfig = FusionConfig()
+    selection: SelectionConfig = SelectionConfig()
+    checkpoint_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: per epoch.")
+
+    def fusion_weights(self) -> tuple[float, float]:
+        """(w1, w2) for search-time fusion: the fusion section's, else the loss's."""
+        f = self.fusion
+        return (self.loss.w1 if f.w1 is None else f.w1, self.loss.w2 if f.w2 is None else f.w2)
+
+
+def _official(w1, w2, l1, l2, q_reg, d_reg, lr, backbone: dict) -> dict:
+    return {
+        "backbone": backbone,
+        "loss": {"w1": w1, "w2": w2, "lambda1": l1, "lambda2": l2, "q_reg": q_reg, "d_reg": d_reg},
+        "optim": {"lr": lr, "batch_size": 256, "weight_decay": 0.05, "warmup_fraction": 0.2},
+    }
+
+
+_BLIP_COCO = {"name": "blip", "path": "Salesforce/blip-itm-base-coco", "image_size": 384}
+_BLIP_FLICKR = {"name": "blip", "path": "Salesforce/blip-itm-base-flickr", "image_size": 384}
+# ALBEF has no transformers implementation; its presets carry the method's values and leave the
+# backbone to the user (``--backbone`` or ``backbone.*`` overrides).
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "blip-coco": _official(0.1, 0.1, 0.9, 0.3, 5e-4, 3e-5, 5e-5, _BLIP_COCO),
+    "blip-flickr": _official(0.1, 0.2, 0.7, 0.7, 1e-4, 2e-5, 1e-5, _BLIP_FLICKR),
+    "albef-coco": _official(0.2, 0.5, 0.9, 0.3, 1e-5, 3e-5, 5e-5, {}),
+    "albef-flickr": _official(0.1, 0.2, 0.3, 0.3, 1e-4, 2e-5, 1e-5, {}),
+}
+
+
+def _validate(data: dict) -> SdrayConfig:
+    try:
+        return SdrayConfig.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<root>"
+            lines.append(f"{key}: {e['msg']}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset(name: str) -> SdrayConfig:
+    """The named preset (``default``, ``blip-coco``, ``blip-flickr``, ``albef-coco``, ``albef-flickr``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+    return _validate(PRESETS[name])
+
+
+def from_dict(data: dict, base: SdrayConfig | None = None) -> SdrayConfig:
+    """Validate ``data`` (nested dict) on top of ``base`` (default: the embedded default)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+    start = (base or SdrayConfig()).model_dump()
+    return _validate(_merge(start, data))
+
+
+def with_overrides(cfg: SdrayConfig, overrides: dict[str, Any]) -> SdrayConfig:
+    """Apply dotted-key overrides such as ``{"optim.lr": 1e-4}``; ``None`` values are skipped."""
+    nested: dict = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(nested, base=cfg)
+
+
+def loads(text: str, fmt: Literal["yaml", "json"] = "yaml") -> SdrayConfig:
+    """Parse YAML or JSON text into a validated config."""
+    data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+    return from_dict(data or {})
+
+
+def load(path: str | Path) -> SdrayConfig:
+    """Load a ``.yaml``/``.yml``/``.json`` file; any other name is read as a preset name."""
+    p = Path(path)
+    if p.suffix.lower() not in {".yaml", ".yml", ".json"}:
+        return preset(str(path))
+    return loads(p.read_text(), "json" if p.suffix.lower() == ".json" else "yaml")
+
+
+def dumps(cfg: SdrayConfig, fmt: Literal["yaml", "json"] = "yaml") -> str:
+    """Serialise a config; ``loads(dumps(cfg))`` gives ``cfg`` back."""
+    data = cfg.model_dump(mode="json")
+    return json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False)
+
+
+def save(cfg: SdrayConfig, path: str | Path) -> None:
+    """Write ``cfg`` as YAML or JSON, by the file's suffix."""
+    p = Path(path)
+    p.write_text(dumps(cfg, "json" if p.suffix.lower() == ".json" else "yaml"))

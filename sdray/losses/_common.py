@@ -1,0 +1,48 @@
+"""Small shared helpers of the loss modules (not public API)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_pair(name: str, img: Tensor, txt: Tensor) -> None:
+    if img.dim() != 2 or txt.dim() != 2:
+        raise ValueError(f"{name}: expected 2-D (B, D) tensors, got {tuple(img.shape)} and {tuple(txt.shape)}")
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"{name}: feature sizes differ: {img.shape[1]} vs {txt.shape[1]}")
+
+
+def check_pos(pos: Tensor | None, b_i: int, b_t: int) -> Tensor | None:
+    if pos is None:
+        if b_i != b_t:
+            raise ValueError("pos=None (identity targets) needs as many images as texts")
+        return None
+    if pos.shape != (b_i, b_t):
+        raise ValueError(f"pos has shape {tuple(pos.shape)}, expected {(b_i, b_t)}")
+    return pos.bool()
+
+
+def as_temperature(temperature: Tensor | float, like: Tensor) -> Tensor:
+    t = temperature if isinstance(temperature, Tensor) else torch.tensor(float(temperature))
+    if t.numel() != 1:
+        raise ValueError("temperature must be a scalar")
+    return t.reshape(()).to(device=like.device)
+
+
+def apply_txt_mask(txt_sparse: Tensor, txt_mask: Tensor | None) -> Tensor:
+    if txt_mask is None:
+        return txt_sparse
+    if txt_mask.shape != txt_sparse.shape:
+        raise ValueError(f"txt_mask has shape {tuple(txt_mask.shape)}, txt_sparse {tuple(txt_sparse.shape)}")
+    return txt_sparse * txt_mask.to(txt_sparse.dtype)
+
+
+def to_floats(items: dict[str, Tensor | float]) -> dict[str, float]:
+    """Detach and convert to Python floats with a single device→host copy."""
+    keys = [k for k, v in items.items() if isinstance(v, Tensor)]
+    out = {k: float(v) for k, v in items.items() if not isinstance(v, Tensor)}
+    if keys:
+        vals = torch.stack([items[k].detach().reshape(()).double().cpu() for k in keys]).tolist()
+        out.update(zip(keys, vals))
+    return out
