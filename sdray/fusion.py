@@ -46,9 +46,11 @@ def competition_ranks(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise standardisation; rows with zero spread become 0."""
+    """Row-wise standardisation (population std); constant rows become 0."""
+    centred = x - x.mean(dim=-1, keepdim=True)
     std = x.std(dim=-1, correction=0, keepdim=True)
-    return (x - x.mean(dim=-1, keepdim=True)) / torch.where(std > 0, std, 1.0)
+    constant = x.amax(dim=-1, keepdim=True) == x.amin(dim=-1, keepdim=True)
+    return torch.where(constant, 0.0, centred / torch.where(constant, 1.0, std))
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class FusionConfig:
         if self.method == "raw":
             return self.w1 * d + self.w2 * s
         if self.method == "rrf":
-            return (1.0 / (self.k_rrf + competition_ranks(d))) + (1.0 / (self.k_rrf + competition_ranks(s)))
+            return sum(1.0 / (self.k_rrf + competition_ranks(x).double()) for x in (d, s))
         if self.normalize == "zscore":
             return self.w1 * _zscore(d) + self.w2 * _zscore(s)
         return self.w1 * d / self.tau + self.w2 * s

@@ -119,9 +119,10 @@ def _chunk_ranks(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, t
         scores = scores.double()
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
-    c = scores.shape[0]
+    c, device = scores.shape[0], scores.device
+    rows, cols = rows.to(device), cols.to(device)
     values = scores[rows, cols]
-    best = torch.full((c,), -torch.inf, dtype=scores.dtype).scatter_reduce(0, rows, values, "amax")
+    best = torch.full((c,), -torch.inf, dtype=scores.dtype, device=device).scatter_reduce(0, rows, values, "amax")
     if ties == "pessimistic":
         tied_relevant = torch.bincount(rows, weights=(values == best[rows]).double(), minlength=c)
         rank = 1 + (scores >= best[:, None]).sum(dim=1) - tied_relevant.long()
@@ -136,7 +137,7 @@ def first_relevant_ranks(
     """1-based rank of the first relevant item for every query row (see module tie rule).
 
     Args:
-        scores: ``(n_queries, n_items)`` torch tensor or numpy array (higher = better).
+        scores: ``(n_queries, n_items)`` torch tensor (any device) or numpy array (higher = better).
         relevant: ``(n_queries, n_items)`` relevance pattern (dense bool, torch sparse, SciPy sparse).
         ties: ``"pessimistic"`` (default) or ``"optimistic"``.
         chunk_size: query rows processed at once; memory is O(chunk_size · n_items).
@@ -152,7 +153,7 @@ def first_relevant_ranks(
     n = scores.shape[0]
     bounds = [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
     parts = [_chunk_ranks(_dense_rows(scores, a, b), *_entries(rel, a, b), ties) for a, b in bounds]
-    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.int64)
+    return torch.cat(parts).cpu().numpy() if parts else np.zeros(0, dtype=np.int64)
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks: Iterable[int] = DEFAULT_KS, mrr_k: int = 10) -> dict[str, float]:
