@@ -8,7 +8,9 @@ from torch import Tensor
 
 def check_pair(name: str, img: Tensor, txt: Tensor) -> None:
     if img.dim() != 2 or txt.dim() != 2:
-        raise ValueError(f"{name}: expected 2-D (B, D) tensors, got {tuple(img.shape)} and {tuple(txt.shape)}")
+        raise ValueError(
+            f"{name}: expected 2-D (B, D) tensors, got {tuple(img.shape)} and {tuple(txt.shape)}"
+        )
     if img.shape[1] != txt.shape[1]:
         raise ValueError(f"{name}: feature sizes differ: {img.shape[1]} vs {txt.shape[1]}")
 
@@ -34,7 +36,9 @@ def apply_txt_mask(txt_sparse: Tensor, txt_mask: Tensor | None) -> Tensor:
     if txt_mask is None:
         return txt_sparse
     if txt_mask.shape != txt_sparse.shape:
-        raise ValueError(f"txt_mask has shape {tuple(txt_mask.shape)}, txt_sparse {tuple(txt_sparse.shape)}")
+        raise ValueError(
+            f"txt_mask has shape {tuple(txt_mask.shape)}, txt_sparse {tuple(txt_sparse.shape)}"
+        )
     return txt_sparse * txt_mask.to(txt_sparse.dtype)
 
 
@@ -43,6 +47,10 @@ def to_floats(items: dict[str, Tensor | float]) -> dict[str, float]:
     keys = [k for k, v in items.items() if isinstance(v, Tensor)]
     out = {k: float(v) for k, v in items.items() if not isinstance(v, Tensor)}
     if keys:
-        vals = torch.stack([items[k].detach().reshape(()).double().cpu() for k in keys]).tolist()
+        dev = items[keys[0]].device
+        dtype = torch.float32 if dev.type == "mps" else torch.float64
+        vals = torch.stack(
+            [items[k].detach().reshape(()).to(device=dev, dtype=dtype) for k in keys]
+        ).cpu().tolist()
         out.update(zip(keys, vals))
     return out

@@ -131,7 +131,9 @@ def score_matrix(a: Tensor, b: Tensor) -> Tensor:
     scores through this function. Shapes: ``a (N, D)``, ``b (M, D)`` → ``(N, M)``.
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"expected (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"expected (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     with torch.autocast(device_type=a.device.type, enabled=False):
         return a.to(dtype) @ b.to(dtype).T
@@ -208,7 +210,9 @@ def distillation(
     Shapes: ``teacher, student (B_i, B_t)`` → scalar.
     """
     if teacher.shape != student.shape:
-        raise ValueError(f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)} differ")
+        raise ValueError(
+            f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)} differ"
+        )
     if orientation not in ("correct", "official"):
         raise ValueError(f"orientation must be 'correct' or 'official', got {orientation!r}")
     if detach_teacher:
