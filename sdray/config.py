@@ -48,7 +48,10 @@ class BackboneConfig(_Strict):
 class HeadConfig(_Strict):
     """The trainable part: per-modality dense projections and the shared sparse head."""
 
-    dense_dim: int = Field(256, ge=8, le=4096, description="Projection size of fresh final layers.")
+    dense_dim: int | None = Field(
+        None, ge=8, le=4096,
+        description="Size of fresh final layers (packaged backbone; default 256). Hub backbones "
+        "keep their own projection, whose size this must equal when set.")
     sparse_hidden: int | None = Field(
         None, ge=8, le=8192, description="Sparse head hidden size; default: word-embedding size."
     )
@@ -83,6 +86,7 @@ class LossConfig(_Strict):
     expansion_control: bool = False
     expansion_end_fraction: float = Field(0.95, gt=0.0, le=1.0)
     d2s_l1: float = Field(1e-3, ge=0.0, le=10.0, description="L1 weight of the d2s baseline.")
+    d2s_expansion_control: bool = Field(True, description="Expansion control in d2s (as in D2S).")
 
 
 class OptimConfig(_Strict):
@@ -96,6 +100,9 @@ class OptimConfig(_Strict):
     epochs: int = Field(10, ge=1, le=10000)
     amp: bool = Field(True, description="fp16 autocast when a GPU is used.")
     seed: int = 0
+    sparse_gather: Literal["auto", "dense", "bf16", "topk"] = Field(
+        "auto", description="How sparse vectors cross workers: auto = exact top-k pairs when "
+        "smaller than the dense rows, else fp32 rows; bf16 halves the bytes (lossy).")
 
 
 class DataConfig(_Strict):

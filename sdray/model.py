@@ -47,8 +47,8 @@ def _heads_like(cfg: SdrayConfig, state: dict[str, torch.Tensor]) -> RetrieverHe
     tw, vw = state["text_proj.linear.weight"], state["vision_proj.linear.weight"]
     emb = state["sparse.vocab_projector.weight"]
     heads = RetrieverHeads(
-        torch.nn.Linear(tw.shape[1], tw.shape[0]),
-        torch.nn.Linear(vw.shape[1], vw.shape[0]),
+        torch.nn.Linear(tw.shape[1], tw.shape[0], bias="text_proj.linear.bias" in state),
+        torch.nn.Linear(vw.shape[1], vw.shape[0], bias="vision_proj.linear.bias" in state),
         torch.zeros_like(emb),
         tau_range=(cfg.heads.tau_min, cfg.heads.tau_max),
         topk=(cfg.heads.topk_text, cfg.heads.topk_image),

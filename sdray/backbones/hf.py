@@ -32,14 +32,15 @@ from __future__ import annotations
 import json
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoTokenizer, BlipForImageTextRetrieval, CLIPModel, SiglipModel
+from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import cached_file
 
 from sdray.backbones.base import Backbone, Preprocessor
 from sdray.config import BackboneConfig
 
-MODEL_CLASSES = {"clip": CLIPModel, "blip": BlipForImageTextRetrieval, "siglip": SiglipModel}
+MODEL_CLASSES = {"clip": "CLIPModel", "blip": "BlipForImageTextRetrieval", "siglip": "SiglipModel"}
 
 
 def _read_json(path: str, filename: str) -> dict:
@@ -50,10 +51,10 @@ def _read_json(path: str, filename: str) -> dict:
 def hf_preprocessor(cfg: BackboneConfig) -> Preprocessor:
     """Tokenizer of ``cfg.path`` + the normalisation, resample and crop of its image processor."""
     proc = _read_json(cfg.path, "preprocessor_config.json")
-    text_config = _read_json(cfg.path, "config.json")["text_config"]
+    vocab_size = AutoConfig.from_pretrained(cfg.path).text_config.vocab_size  # hub configs omit defaults
     return Preprocessor(
         AutoTokenizer.from_pretrained(cfg.path), max_text_length=cfg.max_text_length,
-        image_size=cfg.image_size, vocab_size=text_config["vocab_size"],
+        image_size=cfg.image_size, vocab_size=vocab_size,
         mean=proc["image_mean"], std=proc["image_std"], rescale=proc.get("rescale_factor", 1 / 255),
         resample=proc.get("resample", 3), center_crop=bool(proc.get("do_center_crop", False)))
 
@@ -71,7 +72,8 @@ class HFBackbone(Backbone):
     def __init__(self, cfg: BackboneConfig):
         super().__init__(hf_preprocessor(cfg))
         self.name = cfg.name
-        self.model = MODEL_CLASSES[cfg.name].from_pretrained(cfg.path, dtype=torch.float32)
+        model_class = getattr(transformers, MODEL_CLASSES[cfg.name])  # imported on use: heavy
+        self.model = model_class.from_pretrained(cfg.path, dtype=torch.float32)
         max_positions = self.model.config.text_config.max_position_embeddings
         if cfg.max_text_length > max_positions:
             raise ValueError(f"backbone.max_text_length {cfg.max_text_length} exceeds the "
@@ -106,4 +108,6 @@ class HFBackbone(Backbone):
         return out.last_hidden_state[:, 0] if self.name == "blip" else out.pooler_output
 
     def _word_embedding(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
+        if self.name == "blip":
+            return self.model.text_encoder.embeddings.word_embeddings
+        return self.model.text_model.embeddings.token_embedding

@@ -68,7 +68,8 @@ class PackagedBackbone(Backbone):
     def __init__(self, cfg: BackboneConfig, proj_dim: int = 256, seed: int = 0):
         super().__init__(packaged_preprocessor(cfg))
         self.text_tower = AutoModel.from_pretrained(str(get_model_path()), dtype=torch.float32)
-        self.image_tower = _efficientnet(cfg.image_size)
+        # channels_last: ~35% less CPU time for its depthwise convolutions (benchmarks/).
+        self.image_tower = _efficientnet(cfg.image_size).to(memory_format=torch.channels_last)
         self._text_proj = _seeded_linear(self.text_tower.config.hidden_size, proj_dim, seed)
         self._vision_proj = _seeded_linear(self.image_tower._fc.in_features, proj_dim, seed + 1)
         self._freeze()
@@ -82,6 +83,7 @@ class PackagedBackbone(Backbone):
     @torch.no_grad()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1280) global average pool of EfficientNet-Lite0's last feature map."""
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
         return self.image_tower.extract_features(pixels).mean(dim=(2, 3))
 
     def _word_embedding(self) -> nn.Embedding:
