@@ -31,7 +31,7 @@ class SparseIndexConfig(_Strict):
 
     kind: Literal["seismic", "exact"] = "seismic"
     n_postings: int = Field(
-        0, ge=0, description="Postings kept per term on average; 0: 4 x mean nnz per doc, at least 500."
+        0, ge=0, description="Seismic n_postings; 0: mean posting-list length of the shard (at least 500)."
     )
     centroid_fraction: float = Field(0.1, gt=0.0, le=1.0)
     min_cluster_size: int = Field(2, ge=1)

@@ -1,0 +1,237 @@
+"""Load test of the Serve endpoint against the in-process Retriever (bounded; 127.0.0.1 only).
+
+    python benchmarks/serve_load.py                      # builds a small demo index in a temp dir
+    python benchmarks/serve_load.py --index URI [--model URI] --requests 64 --concurrency 1,8,32 --kill
+
+For each concurrency level the same text queries (hybrid, k=10, explanations on) go
+(a) in process: ``model.encode_texts`` + ``Retriever.search`` from a thread pool, and
+(b) through Serve over HTTP (``POST /v1/search``) from a thread pool of clients.
+It prints p50/p99 latency, QPS and error counts for both, and the Serve/in-process p50 ratio
+(target ≤ 2× at concurrency 1). ``--kill`` then runs one more level during which a QueryEncoder
+replica is killed (``ray.kill``) and reports how many requests failed and when service recovered.
+``--json`` prints every number as one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+QUERIES = [
+    "a red circle", "two small blue squares", "a large green star on a striped background",
+    "a yellow triangle in the top left corner", "three purple rings", "a white cross on black",
+    "an orange hexagon and a pink diamond", "a photo of a gray box", "small cyan dots",
+    "a brown star next to a red square", "a big black circle on a checkered background",
+    "several tiny yellow stars", "a violet rhombus", "a scarlet disc at the bottom",
+    "green plus signs", "a blue ring on a gradient background",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, float]:
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/search", data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+            status = r.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except Exception:  # noqa: BLE001 - connection errors count as failures
+        status = 0
+    return status, time.perf_counter() - t0
+
+
+def _stats(lat: list[float], wall: float, errors: int) -> dict:
+    a = np.asarray(lat) * 1000 if lat else np.zeros(1)
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "qps": len(lat) / wall if wall > 0 else 0.0, "errors": errors, "n": len(lat)}
+
+
+def run_serve(url: str, queries: list[str], n: int, conc: int, k: int) -> dict:
+    bodies = [{"text": queries[i % len(queries)], "k": k, "mode": "hybrid"} for i in range(n)]
+    lat, errors, lock = [], 0, threading.Lock()
+
+    def one(body):
+        nonlocal errors
+        status, dt = _post(url, body)
+        with lock:
+            lat.append(dt)
+            errors += status != 200
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(conc) as pool:
+        list(pool.map(one, bodies))
+    return _stats(lat, time.perf_counter() - t0, errors)
+
+
+def run_inprocess(model, retriever, queries: list[str], n: int, conc: int, k: int, explain: int) -> dict:
+    lat, errors, lock = [], 0, threading.Lock()
+
+    def one(i):
+        nonlocal errors
+        t0 = time.perf_counter()
+        try:
+            enc = model.encode_texts([queries[i % len(queries)]])
+            retriever.search(enc.dense, enc.sparse, k=k, mode="hybrid", side="images", explain=explain)
+            ok = True
+        except Exception:  # noqa: BLE001
+            ok = False
+        with lock:
+            lat.append(time.perf_counter() - t0)
+            errors += not ok
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(conc) as pool:
+        list(pool.map(one, range(n)))
+    return _stats(lat, time.perf_counter() - t0, errors)
+
+
+def kill_test(url: str, queries: list[str], n: int, conc: int, k: int) -> dict:
+    """Load at ``conc`` while one QueryEncoder replica is killed a third of the way in."""
+    import ray
+
+    bodies = [{"text": queries[i % len(queries)], "k": k} for i in range(n)]
+    results: list[tuple[float, int]] = []
+    lock = threading.Lock()
+    t_start = time.perf_counter()
+
+    def one(body):
+        status, dt = _post(url, body)
+        with lock:
+            results.append((time.perf_counter() - t_start, status))
+
+    killed = {}
+
+    def killer():
+        while len(results) < n // 3:
+            time.sleep(0.01)
+        names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if "QueryEncoder" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+        if names:
+            actor = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+            ray.kill(actor, no_restart=True)
+            killed.update(name=names[0]["name"], at_s=time.perf_counter() - t_start,
+                          replicas=len(names))
+
+    kt = threading.Thread(target=killer)
+    kt.start()
+    with ThreadPoolExecutor(conc) as pool:
+        list(pool.map(one, bodies))
+    kt.join()
+    failed = [t for t, s in results if s != 200]
+    after = [t for t, s in results if s == 200 and t > killed.get("at_s", 0)]
+    last_fail = max(failed) if failed else killed.get("at_s", 0)
+    recovered = [t for t in after if t > last_fail]
+    return {"requests": len(results), "failed": len(failed), "killed": killed.get("name"),
+            "encoder_replicas_before": killed.get("replicas"),
+            "killed_at_s": round(killed.get("at_s", 0), 2),
+            "recovered_after_s": round(min(recovered) - killed["at_s"], 2) if recovered and killed else None,
+            "succeeded_after_kill": len(after)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--index", help="index URI (default: build a demo index in a temp dir)")
+    p.add_argument("--model", help="model URI (default: the index manifest's)")
+    p.add_argument("--n-images", type=int, default=48, help="demo index size")
+    p.add_argument("--shards", type=int, default=2, help="demo index shards")
+    p.add_argument("--requests", type=int, default=64, help="requests per level (bounded)")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--kill", action="store_true", help="kill an encoder replica under load")
+    p.add_argument("--num-cpus", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.requests > 2000:
+        p.error("--requests is capped at 2000")
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    from sdray.index import Retriever
+    from sdray.index import manifest as mf
+    from sdray.model import RetrievalModel
+    from serve.app import deploy
+    from serve.config import ServeConfig
+    from serve.testing import build_demo_index
+
+    tmp = None
+    if args.index is None:
+        tmp = tempfile.mkdtemp(prefix="sdray-load-")
+        print(f"building a demo index ({args.n_images} images, {args.shards} shards) in {tmp}", flush=True)
+        demo = build_demo_index(tmp, n_images=args.n_images, shards=args.shards)
+        args.index, args.model = demo.index, demo.model
+    root, pinned = mf.index_root(args.index)
+    model_uri = args.model or mf.load_manifest(root, pinned)["model"]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    cfg = ServeConfig(index=args.index, model=model_uri, port=_free_port(), poll_interval_s=0)
+    explain = cfg.explain_terms
+
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        url = deploy(cfg)
+        print(f"serve up in {time.perf_counter() - t0:.1f}s at {url}", flush=True)
+        model = RetrievalModel.load(model_uri)
+        retriever = Retriever.load(args.index)
+        for q in QUERIES[:4]:  # warm both paths
+            run_inprocess(model, retriever, [q], 1, 1, args.k, explain)
+            _post(url, {"text": q, "k": args.k})
+        rows = []
+        for c in levels:
+            ip = run_inprocess(model, retriever, QUERIES, args.requests, c, args.k, explain)
+            sv = run_serve(url, QUERIES, args.requests, c, args.k)
+            rows.append({"concurrency": c, "inprocess": ip, "serve": sv,
+                         "p50_ratio": sv["p50_ms"] / ip["p50_ms"] if ip["p50_ms"] else None})
+        report: dict = {"index": args.index, "requests_per_level": args.requests, "levels": rows}
+        print()
+        print(f"{'conc':>4} | {'in-proc p50':>11} {'p99':>8} {'QPS':>7} | {'serve p50':>9} {'p99':>8} "
+              f"{'QPS':>7} {'errors':>6} | {'p50 ratio':>9}")
+        for r in rows:
+            ip, sv = r["inprocess"], r["serve"]
+            print(f"{r['concurrency']:>4} | {ip['p50_ms']:>9.1f}ms {ip['p99_ms']:>6.1f}ms {ip['qps']:>7.1f} | "
+                  f"{sv['p50_ms']:>7.1f}ms {sv['p99_ms']:>6.1f}ms {sv['qps']:>7.1f} {sv['errors']:>6} | "
+                  f"{r['p50_ratio']:>8.2f}x")
+        if args.kill:
+            kt = kill_test(url, QUERIES, max(args.requests, 96), 8, args.k)
+            report["kill"] = kt
+            print(f"\nreplica kill under load (concurrency 8): {kt['failed']} of {kt['requests']} requests "
+                  f"failed; killed {kt['killed']} at {kt['killed_at_s']}s; served again "
+                  f"{kt['recovered_after_s']}s after the kill")
+        if args.json:
+            print(json.dumps(report))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if tmp:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""``sdray serve``: deploy the Ray Serve retrieval app (serve/app.py) for an index and keep it up.
+
+    sdray serve --index URI [--model URI] [--host 127.0.0.1] [--port 8000] [--config serve.yaml]
+                [--replicas-per-shard N] [--encoder-max-replicas N] [--auth-token T] [--k-max K]
+
+``--config`` reads :class:`serve.config.ServeConfig` fields from YAML/JSON (flags override it).
+Starts a local Ray (or joins ``RAY_ADDRESS``), waits for ``/healthz`` and prints the URL, then
+serves until Ctrl-C / SIGTERM, when it shuts Serve down. ``--no-block`` returns once healthy
+(the app keeps running only while this Ray instance does — use ``serve deploy serve/config.yaml``
+for a detached deployment on a cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, help="index URI (root with CURRENT.json, or a version)")
+    parser.add_argument("--model", default=None, help="model URI (default: the index manifest's)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--config", default=None, help="YAML/JSON file of ServeConfig fields")
+    parser.add_argument("--replicas-per-shard", type=int, default=None)
+    parser.add_argument("--shard-groups", type=int, default=None,
+                        help="shard-searcher deployments (default: one per shard)")
+    parser.add_argument("--encoder-min-replicas", type=int, default=None)
+    parser.add_argument("--encoder-max-replicas", type=int, default=None)
+    parser.add_argument("--ingress-max-replicas", type=int, default=None)
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--batch-wait-s", type=float, default=None)
+    parser.add_argument("--k-max", type=int, default=None)
+    parser.add_argument("--auth-token", default=os.environ.get("SDRAY_AUTH_TOKEN"),
+                        help="require 'Authorization: Bearer TOKEN' on /v1/* (env SDRAY_AUTH_TOKEN)")
+    parser.add_argument("--poll-interval", type=float, default=None,
+                        help="seconds between checks for a newly published index version (0: never)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /healthz")
+    parser.add_argument("--no-block", action="store_true", help="return once healthy")
+    parser.add_argument("--json", action="store_true", help="print {url, index_version} as JSON")
+
+
+def config_from_args(args: argparse.Namespace):
+    import yaml
+
+    from serve.config import ServeConfig
+
+    data: dict = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        if "applications" in data:  # a Serve config YAML: take the app's args
+            data = dict(data["applications"][0].get("args") or {})
+    data.update({"index": args.index, "host": args.host, "port": args.port})
+    if args.model:
+        data["model"] = args.model
+    if args.auth_token:
+        data["auth_token"] = args.auth_token
+    for flag, key in (("k_max", "k_max"), ("shard_groups", "shard_groups"),
+                      ("poll_interval", "poll_interval_s")):
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    if args.replicas_per_shard is not None:
+        data.setdefault("shards", {}).update(min_replicas=args.replicas_per_shard,
+                                             max_replicas=args.replicas_per_shard)
+    enc = data.setdefault("encoder", {})
+    if args.encoder_min_replicas is not None:
+        enc["min_replicas"] = args.encoder_min_replicas
+        enc.setdefault("max_replicas", max(args.encoder_min_replicas, 2))
+    if args.encoder_max_replicas is not None:
+        enc["max_replicas"] = args.encoder_max_replicas
+    if not enc:
+        data.pop("encoder")
+    if args.ingress_max_replicas is not None:
+        data.setdefault("ingress", {})["max_replicas"] = args.ingress_max_replicas
+    if args.max_batch_size is not None:
+        data.setdefault("batch", {})["max_batch_size"] = args.max_batch_size
+    if args.batch_wait_s is not None:
+        data.setdefault("batch", {})["batch_wait_timeout_s"] = args.batch_wait_s
+    return ServeConfig.model_validate(data)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from serve.app import deploy, ray_env
+
+    try:
+        cfg = config_from_args(args)
+    except (ValidationError, OSError, ValueError) as err:
+        print(f"sdray serve: bad configuration: {err}", file=sys.stderr)
+        return 2
+    ray_env()
+    import ray
+    from ray import serve
+
+    from sdray import storage
+
+    if not ray.is_initialized():
+        kwargs: dict = {"include_dashboard": False}
+        env = storage.s3_env() if hasattr(storage, "s3_env") else {}
+        if env:
+            kwargs["runtime_env"] = {"env_vars": env}
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+        else:
+            ray.init(num_cpus=args.num_cpus, **kwargs)
+    try:
+        url = deploy(cfg, wait_s=args.timeout)
+    except Exception as err:  # noqa: BLE001
+        print(f"sdray serve: failed to start: {type(err).__name__}: {err}", file=sys.stderr)
+        serve.shutdown()
+        return 1
+    if args.json:
+        print(json.dumps({"url": url}), flush=True)
+    else:
+        print(f"sdray serve: ready at {url}/  (search page), API {url}/v1/search, docs {url}/docs",
+              flush=True)
+    if args.no_block:
+        return 0
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():  # second signal: leave now
+            os._exit(128 + signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("sdray serve: shutting down", flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0

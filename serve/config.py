@@ -1,0 +1,122 @@
+"""Knobs of the Serve application: :class:`ServeConfig`.
+
+One validated object carries everything the app needs: which index (and model) to serve,
+replicas and autoscaling of each deployment, query-encoder batching, request limits and the
+optional bearer token. It is what ``sdray serve`` builds from its flags, what the application
+builder :func:`serve.app.build_app` receives as ``args`` from a Serve config YAML (``serve deploy``
+or a KubeRay RayService ``serveConfigV2``), and what the tests construct directly.
+
+Example::
+
+    cfg = ServeConfig(index="s3://bucket/index", encoder=DeploymentKnobs(max_replicas=4))
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeploymentKnobs(_Strict):
+    """Replica count or autoscaling for one deployment.
+
+    With ``max_replicas > min_replicas`` the deployment autoscales on ``target_ongoing_requests``
+    (Ray Serve's queue-length policy); otherwise it runs ``min_replicas`` fixed replicas.
+    """
+
+    min_replicas: int = Field(1, ge=1, le=1024)
+    max_replicas: int = Field(1, ge=1, le=1024)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    max_ongoing_requests: int = Field(32, ge=1, le=100_000)
+    upscale_delay_s: float = Field(3.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved per replica.")
+
+    @model_validator(mode="after")
+    def _order(self) -> "DeploymentKnobs":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+    def options(self) -> dict:
+        """Keyword arguments for ``Deployment.options``."""
+        out: dict = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
+        if self.max_replicas > self.min_replicas:
+            out["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+            }
+        else:
+            out["num_replicas"] = self.min_replicas
+        return out
+
+
+class BatchKnobs(_Strict):
+    """``@serve.batch`` settings of the query encoder (applied through ``user_config``)."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10)
+
+
+class ServeConfig(_Strict):
+    """Everything the Serve application is configured by (see module docstring)."""
+
+    index: str = Field(..., min_length=1, description="Index URI (local path or s3://): the root "
+                       "holding the version pointer, or one version folder.")
+    model: str | None = Field(None, description="Model URI; default: the one the index manifest names.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    app_name: str = "sdray"
+    route_prefix: str = "/"
+
+    ingress: DeploymentKnobs = DeploymentKnobs(min_replicas=1, max_replicas=2,
+                                               max_ongoing_requests=128,
+                                               target_ongoing_requests=32)
+    encoder: DeploymentKnobs = DeploymentKnobs(min_replicas=1, max_replicas=2,
+                                               max_ongoing_requests=64,
+                                               target_ongoing_requests=8)
+    shards: DeploymentKnobs = Field(DeploymentKnobs(max_ongoing_requests=64),
+                                    description="Replicas of each shard searcher (per shard).")
+    shard_groups: int | None = Field(
+        None, ge=1, le=4096,
+        description="Shard-searcher deployments; shard j of any version is hosted by group "
+        "j % shard_groups. Default: the number of shards of the version served at start.")
+    batch: BatchKnobs = BatchKnobs()
+
+    k_default: int = Field(10, ge=1)
+    k_max: int = Field(100, ge=1, le=10_000)
+    max_text_chars: int = Field(1000, ge=1, le=100_000)
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Decoded image bytes.")
+    max_image_pixels: int = Field(16_000_000, ge=1024)
+    max_body_bytes: int | None = Field(None, ge=1024, description="Default: 4/3 max_image_bytes + 64 KiB.")
+    explain_terms: int = Field(8, ge=0, le=100, description="Terms per hit explanation.")
+    candidates: int | None = Field(None, ge=1, description="Hybrid candidate depth per index and "
+                                   "shard; default: the index's own setting, at least k.")
+    default_mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
+    auth_token: str | None = Field(None, description="Bearer token required on /v1/*; None: open.")
+    poll_interval_s: float = Field(5.0, ge=0, description="How often the version pointer is "
+                                   "read for hot swaps; 0 disables hot swap.")
+    swap_grace_s: float = Field(1.0, ge=0, description="Wait after a new version appears before "
+                                "the ingress switches (searchers preload meanwhile).")
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _limits(self) -> "ServeConfig":
+        if self.k_default > self.k_max:
+            raise ValueError("k_default must be <= k_max")
+        return self
+
+    @property
+    def body_limit(self) -> int:
+        return self.max_body_bytes or (self.max_image_bytes * 4 // 3 + 65536)

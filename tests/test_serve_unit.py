@@ -1,0 +1,317 @@
+"""The Serve app's pure parts, without Ray: request validation, shard merging, health logic,
+config, client and page. (The deployed app is tested in test_serve.py.)"""
+
+import asyncio
+import base64
+import io
+import json
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve.config import DeploymentKnobs, ServeConfig
+from serve.request import ApiError, parse_request
+from serve.searcher import Fusion, ShardGroup, merge
+
+CFG = ServeConfig(index="/nonexistent", k_max=50, max_image_bytes=200_000, max_image_pixels=1_000_000)
+
+
+def png(w=32, h=24, color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def parse(body, ctype="application/json", cfg=CFG):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_request(data, ctype, cfg)
+
+
+def error_of(body, ctype="application/json", cfg=CFG) -> ApiError:
+    with pytest.raises(ApiError) as exc:
+        parse(body, ctype, cfg)
+    assert 400 <= exc.value.status < 500
+    return exc.value
+
+
+# ---------------------------------------------------------------------------- validation
+
+def test_valid_text_and_image_requests():
+    q = parse({"text": "  a red circle ", "k": 5, "mode": "sparse"})
+    assert (q.text, q.image, q.k, q.mode, q.direction) == ("a red circle", None, 5, "sparse", "t2i")
+    q = parse({"image": base64.b64encode(png()).decode(), "fusion": {"method": "rrf", "w1": 1}})
+    assert q.image == png() and q.direction == "i2t" and q.k == CFG.k_default and q.mode == "hybrid"
+    assert q.fusion.method == "rrf" and q.fusion.w1 == 1.0
+    data_uri = "data:image/png;base64," + base64.urlsafe_b64encode(png()).decode().rstrip("=")
+    assert parse({"image": data_uri}).image == png()
+
+
+@pytest.mark.parametrize("body,status,words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"", 400, "empty request body"),
+    (b"[1, 2]", 422, "JSON object"),
+    ({"text": ""}, 422, "text: empty"),
+    ({"text": "   "}, 422, "text: empty"),
+    ({"text": 3}, 422, "text: Input should be a valid string"),
+    ({"text": "a", "k": "5"}, 422, "k: Input should be a valid integer"),
+    ({"text": "a", "k": 1.5}, 422, "k: Input should be a valid integer"),
+    ({"text": "a", "k": True}, 422, "k: Input should be a valid integer"),
+    ({"text": "a", "k": 0}, 422, "k: must be between 1 and 50"),
+    ({"text": "a", "k": 51}, 422, "k: must be between 1 and 50"),
+    ({"text": "a", "mode": "fuzzy"}, 422, "unknown mode 'fuzzy'"),
+    ({"text": "a", "mode": 1}, 422, "mode: Input should be a valid string"),
+    ({"text": "a", "fusion": {"method": "max"}}, 422, "fusion.method"),
+    ({"text": "a", "fusion": {"w1": -1}}, 422, "fusion.w1"),
+    ({"text": "a", "colour": "red"}, 422, "colour: unknown field"),
+    ({}, 422, "give one of text"),
+    ({"text": "a", "image": "aGVsbG8="}, 422, "not both"),
+    ({"image": "%%%"}, 422, "not valid base64"),
+    ({"image": base64.b64encode(b"hello, not an image").decode()}, 422, "cannot be decoded"),
+    ({"image": base64.b64encode(png()[:60]).decode()}, 422, "image"),
+    ({"image": ""}, 422, "image: empty"),
+    ({"text": "x" * 1001}, 422, "more than the 1000 allowed"),
+])
+def test_bad_requests_get_a_4xx_that_says_what_is_wrong(body, status, words):
+    err = error_of(body)
+    assert err.status == status
+    assert words in err.message
+
+
+def test_oversized_images_are_rejected_by_bytes_and_by_pixels():
+    big = base64.b64encode(b"\0" * 300_000).decode()
+    assert error_of({"image": big}).status == 413
+    bomb = png(2000, 1000)  # 2 MP > 1 MP limit, small file
+    err = error_of({"image": base64.b64encode(bomb).decode()})
+    assert err.status == 413 and "pixels" in err.message
+    cfg = CFG.model_copy(update={"max_body_bytes": 2048})
+    assert error_of({"text": "x" * 3000}, cfg=cfg).status == 413
+
+
+def test_unsupported_content_type_is_415():
+    assert error_of(b"text=a", "application/x-www-form-urlencoded").status == 415
+
+
+def multipart(fields: dict, files: dict, boundary="XyZ123") -> tuple[bytes, str]:
+    out = b""
+    for name, val in fields.items():
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{val}\r\n").encode()
+    for name, (fname, data) in files.items():
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{fname}\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_upload():
+    body, ctype = multipart({"k": "3", "mode": "dense", "fusion.method": "rrf"}, {"image": ("x.png", png())})
+    q = parse(body, ctype)
+    assert q.image == png() and q.k == 3 and q.mode == "dense" and q.fusion.method == "rrf"
+    body, ctype = multipart({"text": "a cat"}, {})
+    assert parse(body, ctype).text == "a cat"
+    body, ctype = multipart({"text": "a cat", "k": "many"}, {})
+    assert "k: must be an integer" in error_of(body, ctype).message
+    body, ctype = multipart({"text": "a cat"}, {"image": ("x.png", png())})
+    assert "not both" in error_of(body, ctype).message
+    body, ctype = multipart({}, {"image": ("x.png", b"garbage")})
+    assert "cannot be decoded" in error_of(body, ctype).message
+    assert error_of(b"--nope", "multipart/form-data").status == 400
+
+
+# ---------------------------------------------------------------------------- config
+
+def test_deployment_knobs_map_to_serve_options():
+    fixed = DeploymentKnobs(min_replicas=2, max_replicas=2).options()
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    auto = DeploymentKnobs(min_replicas=1, max_replicas=4, target_ongoing_requests=3).options()
+    assert auto["autoscaling_config"]["max_replicas"] == 4
+    assert auto["autoscaling_config"]["target_ongoing_requests"] == 3
+    with pytest.raises(ValueError):
+        DeploymentKnobs(min_replicas=3, max_replicas=1)
+    with pytest.raises(ValueError):
+        ServeConfig(index="x", k_default=20, k_max=10)
+
+
+def test_yaml_config_is_a_valid_serve_config():
+    import pathlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = pathlib.Path(__file__).parents[1] / "serve" / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(data)
+    app = data["applications"][0]
+    assert app["import_path"] == "serve.app:build_app"
+    ServeConfig.model_validate(app["args"])
+    assert data["http_options"]["host"] == "127.0.0.1"
+
+
+def test_serve_cli_flags_build_the_config(tmp_path):
+    import argparse
+
+    from pipelines import serve as serve_cli
+
+    p = argparse.ArgumentParser()
+    serve_cli.add_arguments(p)
+    f = tmp_path / "s.yaml"
+    f.write_text("k_max: 20\nbatch: {max_batch_size: 4}\n")
+    args = p.parse_args(["--index", "s3://b/idx", "--port", "9000", "--config", str(f),
+                         "--replicas-per-shard", "2", "--encoder-max-replicas", "3", "--auth-token", "t"])
+    cfg = serve_cli.config_from_args(args)
+    assert (cfg.index, cfg.port, cfg.k_max, cfg.batch.max_batch_size) == ("s3://b/idx", 9000, 20, 4)
+    assert cfg.shards.min_replicas == cfg.shards.max_replicas == 2
+    assert cfg.encoder.max_replicas == 3 and cfg.auth_token == "t"
+
+
+# ---------------------------------------------------------------------------- searching
+
+@pytest.fixture(scope="module")
+def random_index(tmp_path_factory):
+    """A 3-shard index of random vectors (no model), both sides."""
+    from sdray.index import ShardData, build_index
+
+    rng = np.random.default_rng(0)
+    out = str(tmp_path_factory.mktemp("idx") / "index")
+
+    def side(n, prefix):
+        dense = rng.normal(size=(n, 16)).astype(np.float32)
+        dense /= np.linalg.norm(dense, axis=1, keepdims=True)
+        sparse = np.where(rng.random((n, 50)) < 0.2, rng.random((n, 50)) * 3, 0).astype(np.float32)
+        ids = [f"{prefix}{i}" for i in range(n)]
+        return ShardData(dense=dense, sparse=sparse, ids=ids, image_ids=ids, captions=[f"cap {i}" for i in ids],
+                         uris=[None] * n, vocab_size=50)
+
+    version = build_index(out, {"images": side(60, "i"), "captions": side(40, "c")}, n_shards=3,
+                          vocabulary=[f"w{i}" for i in range(50)],
+                          fusion={"method": "calibrated", "w1": 0.5, "w2": 0.2, "tau": 0.05})
+    return out, version, rng
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_sharded_search_merges_exactly_like_the_in_process_retriever(random_index, groups):
+    from sdray.index import Retriever
+
+    out, version, rng = random_index
+    retriever = Retriever.load(out)
+    gs = [ShardGroup(out, g, groups) for g in range(groups)]
+    for _ in range(3):
+        dq = rng.normal(size=16).astype(np.float32)
+        dq /= np.linalg.norm(dq)
+        sq = np.where(rng.random(50) < 0.3, rng.random(50), 0).astype(np.float32)
+        ids = np.flatnonzero(sq)
+        for side, direction in (("images", "t2i"), ("captions", "i2t")):
+            for mode in ("dense", "sparse", "hybrid"):
+                for method in ("calibrated", "raw", "rrf"):
+                    fusion = Fusion(method=method, w1=0.5, w2=0.2, tau=0.05)
+                    want = retriever.search(dq[None], sq[None], k=7, mode=mode, side=side,
+                                            fusion={"method": method}, explain=3)[0]
+                    parts = [p for g in gs for p in g.search(version, direction, dq, ids, sq[ids], mode, 7,
+                                                             100, fusion, 3)]
+                    got = merge(parts, mode, 7, fusion)
+                    assert [h["id"] for h in got] == [h.id for h in want], (mode, method)
+                    assert np.allclose([h["score"] for h in got], [h.score for h in want], rtol=1e-5)
+                    if method != "rrf" or mode != "hybrid":
+                        assert [[t[0] for t in h["explanation"]] for h in got] == \
+                               [[t["term_id"] for t in h.explanation] for h in want]
+    found = [m for g in gs if (m := g.find(version, "images", "i5"))]
+    assert len(found) == 1 and found[0]["id"] == "i5"
+
+
+def test_shard_group_keeps_two_versions_and_reports_load_errors(random_index, tmp_path):
+    out, version, _ = random_index
+    g = ShardGroup(out, 0, 1, keep_versions=2)
+    assert not g.loaded(version)
+    g.load(version)
+    assert g.loaded(version) and g.versions() == [version]
+    with pytest.raises(Exception):
+        g.load("v-does-not-exist")
+    assert g.error("v-does-not-exist")
+    assert g.loaded(version)
+
+
+# ---------------------------------------------------------------------------- health and auth
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *a, **kw):
+        async def call():
+            return self.fn(*a, **kw)
+        return call()
+
+
+def _fake_group(loaded: bool, error=None):
+    return types.SimpleNamespace(status=_Remote(lambda v: {"loaded": loaded, "error": error, "versions": []}),
+                                 prepare=_Remote(lambda v: True))
+
+
+def _ingress(random_index, groups, **cfg):
+    from serve.app import Ingress
+
+    out, _, _ = random_index
+    encoder = types.SimpleNamespace(info=_Remote(lambda uri: {"vocabulary": [], "fusion": {}, "method": None}))
+    cls = Ingress.func_or_class.__mro__[1]  # the class under @serve.ingress's ASGI wrapper
+    return cls(ServeConfig(index=out, model="/m", **cfg).model_dump(), encoder, groups)
+
+
+def test_healthz_is_503_until_every_shard_group_has_loaded(random_index):
+    ing = _ingress(random_index, [_fake_group(True), _fake_group(False)])
+    resp = asyncio.run(ing.healthz())
+    assert resp.status_code == 503 and json.loads(resp.body)["status"] == "loading"
+    ing = _ingress(random_index, [_fake_group(True), _fake_group(False, "IndexFileError: corrupt")])
+    body = json.loads(asyncio.run(ing.healthz()).body)
+    assert body["status"] == "error" and "corrupt" in body["detail"]
+    ing = _ingress(random_index, [_fake_group(True), _fake_group(True)])
+    assert asyncio.run(ing.healthz())["status"] == "ok"
+
+
+def test_bearer_token_is_checked(random_index):
+    ing = _ingress(random_index, [], auth_token="s3cret")
+    req = lambda h, q=b"": types.SimpleNamespace(headers=h, query_params=dict(  # noqa: E731
+        [q.decode().split("=")] if q else []))
+    with pytest.raises(ApiError) as exc:
+        ing._check_auth(req({}))
+    assert exc.value.status == 401
+    with pytest.raises(ApiError):
+        ing._check_auth(req({"authorization": "Bearer nope"}))
+    ing._check_auth(req({"authorization": "Bearer s3cret"}))
+    ing._check_auth(req({}, b"token=s3cret"), allow_query=True)
+    with pytest.raises(ApiError):
+        ing._check_auth(req({}, b"token=s3cret"))
+
+
+# ---------------------------------------------------------------------------- client and page
+
+def test_query_client_formats_hits_and_reports_errors(monkeypatch, capsys):
+    import argparse
+
+    from pipelines import query
+
+    p = argparse.ArgumentParser()
+    query.add_arguments(p)
+    args = p.parse_args(["--url", "http://127.0.0.1:1", "--text", "a red bus", "--k", "2", "--fusion", "rrf"])
+    assert query.build_request(args) == {"k": 2, "mode": "hybrid", "text": "a red bus", "fusion": {"method": "rrf"}}
+    resp = {"hits": [{"id": "x", "caption": "a red bus", "score": 1.0, "scores": {"dense": 0.5, "sparse": 3.0, "fused": 1.0},
+                      "explanation": [{"term": "red", "query": 1.0, "doc": 2.0}]}],
+            "direction": "t2i", "mode": "hybrid", "fusion": "rrf", "index_version": "v1", "took_ms": 3.0}
+    monkeypatch.setattr(query, "post_search", lambda *a, **k: (200, resp))
+    assert query.main(args) == 0
+    out = capsys.readouterr().out
+    assert "a red bus" in out and "red(2.00)" in out
+    monkeypatch.setattr(query, "post_search", lambda *a, **k: (422, {"error": "k: must be between"}))
+    assert query.main(args) == 1
+    assert "HTTP 422: k: must be between" in capsys.readouterr().err
+
+
+def test_page_is_plain_html_js_with_relative_urls():
+    import pathlib
+
+    static = pathlib.Path(__file__).parents[1] / "serve" / "static"
+    html = (static / "index.html").read_text()
+    js = (static / "app.js").read_text()
+    assert 'src="static/app.js"' in html and "static/style.css" in html
+    assert "http://" not in js and "https://" not in js and "import " not in js
+    assert 'fetch("v1/search"' in js and "v1/images/" in js
