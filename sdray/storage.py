@@ -19,12 +19,98 @@ def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
+class StorageError(OSError):
+    """An object-store failure with a message that names the URI and the likely cause."""
+
+
+_S3_OVERRIDES: dict[str, str] = {}
+
+
+def configure_s3(endpoint_url: str | None = None, access_key: str | None = None,
+                 secret_key: str | None = None, region: str | None = None,
+                 export_env: bool = True) -> None:
+    """Set S3 settings from config instead of the environment.
+
+    With ``export_env`` (default) they are also written to ``os.environ`` as the standard AWS
+    variables, so Ray workers started *afterwards* (``ray.init``) inherit them; see
+    :func:`s3_env` for passing them through ``runtime_env`` instead.
+    """
+    values = {"AWS_ENDPOINT_URL": endpoint_url, "AWS_ACCESS_KEY_ID": access_key,
+              "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_DEFAULT_REGION": region}
+    for key, value in values.items():
+        if value is None:
+            continue
+        _S3_OVERRIDES[key] = value
+        if export_env:
+            os.environ[key] = value
+
+
+def _setting(key: str) -> str | None:
+    return _S3_OVERRIDES.get(key) or os.environ.get(key)
+
+
+def s3_env() -> dict[str, str]:
+    """The AWS settings in effect, for ``ray.init(runtime_env={"env_vars": s3_env()})``."""
+    keys = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+    return {k: v for k in keys if (v := _setting(k))}
+
+
 def _s3_options() -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _setting("AWS_ENDPOINT_URL_S3") or _setting("AWS_ENDPOINT_URL")
     if endpoint:
         opts["endpoint_url"] = endpoint
+    # Explicit keys (not only botocore's own env lookup) so that fsspec's instance cache, keyed
+    # by these arguments, never hands out a filesystem built with other credentials.
+    key, secret = _setting("AWS_ACCESS_KEY_ID"), _setting("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        opts["key"], opts["secret"] = key, secret
+        if _setting("AWS_SESSION_TOKEN"):
+            opts["token"] = _setting("AWS_SESSION_TOKEN")
     return opts
+
+
+_CREDENTIAL_HINTS = ("invalidaccesskeyid", "signaturedoesnotmatch", "access key", "accessdenied",
+                     "access denied", "forbidden", "credentials", "expiredtoken", "403")
+
+
+def explain_error(uri: str, err: BaseException) -> StorageError:
+    """A :class:`StorageError` naming ``uri`` and, for auth failures, the credential settings."""
+    text = f"{type(err).__name__}: {err}"
+    low = text.lower()
+    if isinstance(err, PermissionError) or any(h in low for h in _CREDENTIAL_HINTS):
+        endpoint = _setting("AWS_ENDPOINT_URL_S3") or _setting("AWS_ENDPOINT_URL") or "AWS default"
+        key = _setting("AWS_ACCESS_KEY_ID")
+        shown = f"{key[:4]}…" if key else "none set"
+        return StorageError(
+            f"access to {uri} was refused: the S3 credentials are wrong or lack permission "
+            f"(endpoint {endpoint}, AWS_ACCESS_KEY_ID {shown}); check AWS_ACCESS_KEY_ID / "
+            f"AWS_SECRET_ACCESS_KEY (or storage.configure_s3). Server said: {text}")
+    if "nosuchbucket" in low or "bucket" in low and "not" in low and "exist" in low:
+        return StorageError(f"{uri}: the bucket does not exist ({text})")
+    if "could not connect" in low or "connect" in low and "endpoint" in low:
+        return StorageError(f"{uri}: cannot reach the S3 endpoint "
+                            f"{_setting('AWS_ENDPOINT_URL') or '(AWS default)'} ({text})")
+    return StorageError(f"{uri}: {text}")
+
+
+def check_access(uri: str, write: bool = False) -> None:
+    """Fail early with a clear :class:`StorageError` if ``uri`` cannot be listed (or written)."""
+    if not is_remote(uri):
+        return
+    fs, path = filesystem(uri)
+    try:
+        bucket = path.split("/", 1)[0]
+        fs.ls(bucket, refresh=True)
+        if write:
+            probe = f"{path}/.sdray-write-probe"
+            fs.pipe(probe, b"")
+            fs.rm(probe)
+    except FileNotFoundError as err:
+        raise StorageError(f"{uri}: the bucket does not exist ({err})") from err
+    except Exception as err:
+        raise explain_error(uri, err) from err
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -97,15 +183,38 @@ def write_json(uri: str, obj: Any) -> None:
 def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     """Sorted URIs of the files under ``uri`` (recursive), keeping only ``suffixes`` if given."""
     fs, path = filesystem(uri)
-    if not fs.exists(path):
-        return []
-    if fs.isfile(path):
-        found = [path]
-    else:
-        found = [p for p in fs.find(path) if not fs.isdir(p)]
+    try:
+        if is_remote(uri):
+            fs.invalidate_cache()       # other processes (Ray workers) may have written
+        if not fs.exists(path):
+            return []
+        if fs.isfile(path):
+            found = [path]
+        else:
+            found = [p for p in fs.find(path) if not fs.isdir(p)]
+    except (FileNotFoundError, StorageError):
+        raise
+    except Exception as err:
+        if is_remote(uri):
+            raise explain_error(uri, err) from err
+        raise
     prefix = "s3://" if str(uri).startswith("s3://") else ""
     keep = [p for p in found if not suffixes or p.endswith(suffixes)]
     return sorted(prefix + p for p in keep)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write so that readers never see a partial file (local: temp file + rename; S3 PUTs
+    are atomic already)."""
+    if is_remote(uri):
+        write_bytes(uri, data)
+        return
+    _, path = filesystem(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

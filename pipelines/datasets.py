@@ -1,0 +1,264 @@
+"""Ray Data readers for image–text shards and feature shards (the thin Ray layer over sdray.data).
+
+>>> counter = SkipCounter.create()
+>>> ds = read_image_text("s3://bucket/train", DataConfig(), load_preprocessor(cfg), counter=counter)
+>>> for batch in ds.iter_batches(batch_size=64, local_shuffle_buffer_size=1024): ...
+>>> counter.counts()            # {"image_truncated": 2, "caption_empty": 1, ...}
+
+How skip counts are collected: every read/decode task adds its per-reason counts to one small
+Ray actor (:class:`SkipCounter`) before it returns its rows, so after a dataset has been fully
+consumed ``counter.counts()`` is exact; mid-stream it is a lower bound. The actor also keeps,
+per input shard, how many raw samples were read and how many were dropped while decoding, which
+lets a consumer (featurize) tell when all of a shard's rows have come through.
+
+Shuffling: the shard list is shuffled (seeded) when ``DataConfig.shuffle_files``; within a
+shard, samples go through a seeded shuffle buffer of ``DataConfig.shuffle_buffer`` samples.
+Consumers may add Ray's ``local_shuffle_buffer_size`` when iterating.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from typing import Any, Iterator
+
+import numpy as np
+
+from sdray import storage
+from sdray.config import DataConfig
+from sdray.data.decode import decode_batch
+from sdray.data.formats import iter_shard_samples, shard_name
+from sdray.data.skips import SHARD_UNREADABLE, SkipCounts
+
+SHARD_SUFFIXES = (".tar", ".parquet")
+RAW_COLUMNS = ("sample_id", "image_id", "caption", "image", "shard")
+
+
+# ----------------------------------------------------------------------------- Ray setup
+
+def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """``ray.init`` once, passing the S3 settings to workers (``runtime_env`` env vars)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    env = storage.s3_env()
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+# ----------------------------------------------------------------------------- skip counts
+
+def _tally_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class _SkipTally:
+        def __init__(self):
+            self.counts: dict[str, int] = {}
+            self.shards: dict[str, dict[str, int]] = {}
+
+        def add(self, counts: dict, shard: str | None = None, read: int | None = None,
+                dropped: int = 0) -> None:
+            for k, v in counts.items():
+                self.counts[k] = self.counts.get(k, 0) + int(v)
+            if shard is not None:
+                st = self.shards.setdefault(shard, {"read": -1, "dropped": 0, "skips": {}})
+                if read is not None:
+                    st["read"] = int(read)
+                st["dropped"] += int(dropped)
+                for k, v in counts.items():
+                    st["skips"][k] = st["skips"].get(k, 0) + int(v)
+
+        def get(self) -> dict:
+            return {"counts": dict(self.counts),
+                    "shards": {k: {**v, "skips": dict(v["skips"])} for k, v in self.shards.items()}}
+
+    return _SkipTally
+
+
+class SkipCounter:
+    """Cluster-wide per-reason skip counts (a handle to a tiny actor; picklable)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    @classmethod
+    def create(cls) -> "SkipCounter":
+        return cls(_tally_class().remote())
+
+    def add(self, counts: dict, shard: str | None = None, read: int | None = None,
+            dropped: int = 0) -> None:
+        import ray
+
+        if counts or shard is not None:
+            ray.get(self.handle.add.remote(dict(counts), shard, read, dropped))
+
+    def snapshot(self) -> dict:
+        import ray
+
+        return ray.get(self.handle.get.remote())
+
+    def counts(self) -> dict[str, int]:
+        return SkipCounts(self.snapshot()["counts"]).to_dict()
+
+    def shards(self) -> dict[str, dict[str, int]]:
+        """Per shard URI: ``read`` raw samples (-1 until the read finished), ``dropped`` while
+        decoding, and ``skips`` (per-reason counts of that shard, read and decode together)."""
+        return self.snapshot()["shards"]
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.handle)
+
+
+# ----------------------------------------------------------------------------- readers
+
+def list_shards(uri: str) -> list[str]:
+    """The ``.tar``/``.parquet`` shards under ``uri`` (a folder/prefix, or one shard), sorted."""
+    try:
+        files = storage.list_files(uri, SHARD_SUFFIXES)
+    except storage.StorageError:
+        raise
+    except Exception as err:
+        raise storage.explain_error(uri, err) from err
+    return files
+
+
+def _buffer_shuffle(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    buf: list[dict] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(len(buf))
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    out = {}
+    for k in RAW_COLUMNS:
+        arr = np.empty(len(rows), dtype=object)
+        arr[:] = [r[k] for r in rows]
+        out[k] = arr
+    return out
+
+
+def read_shard_rows(shard_uri: str, counts: SkipCounts, max_caption_bytes: int,
+                    shuffle_buffer: int = 0, seed: int = 0) -> list[dict]:
+    """All raw samples of one shard (never raises; an unreadable shard counts and gives [])."""
+    try:
+        with storage.open_uri(shard_uri, "rb") as f:
+            rows = list(iter_shard_samples(f, shard_uri, counts, max_caption_bytes))
+    except Exception:
+        counts.add(SHARD_UNREADABLE)
+        return []
+    if shuffle_buffer > 1:
+        rng = random.Random(f"{seed}:{shard_uri}")
+        rows = list(_buffer_shuffle(iter(rows), shuffle_buffer, rng))
+    for r in rows:
+        r["shard"] = shard_uri
+    return rows
+
+
+def _read_shards(batch: dict, *, max_caption_bytes: int, shuffle_buffer: int, seed: int,
+                 counter: SkipCounter | None, chunk: int):
+    for shard_uri in batch["shard"]:
+        counts = SkipCounts()
+        rows = read_shard_rows(str(shard_uri), counts, max_caption_bytes, shuffle_buffer, seed)
+        if counter is not None:
+            counter.add(counts, shard=str(shard_uri), read=len(rows))
+        for i in range(0, len(rows), chunk):
+            yield _columns(rows[i:i + chunk])
+
+
+def _decode(batch: dict, *, preprocessor, max_pixels: int, image_size: int | None,
+            counter: SkipCounter | None) -> dict:
+    counts = SkipCounts()
+    dropped: list = []
+    out = decode_batch(batch, preprocessor, counts, max_pixels, image_size, dropped)
+    if counter is not None and dropped:
+        # attribute drops to their shards so consumers can tell when a shard is complete
+        per: dict[str, SkipCounts] = {}
+        for i, reason in dropped:
+            per.setdefault(str(batch["shard"][i]), SkipCounts()).add(reason)
+        for sh, c in per.items():
+            counter.add(c, shard=sh, dropped=sum(c.values()))
+    return out
+
+
+def read_image_text(uri: str | list[str], data_cfg: DataConfig | None = None, preprocessor=None,
+                    *, counter: SkipCounter | None = None, seed: int = 0,
+                    image_size: int | None = None, decode: bool = True):
+    """A Ray Dataset of decoded samples from WebDataset tar / Parquet shards (local or s3://).
+
+    Args:
+        uri: a folder/prefix of shards, one shard, or an explicit list of shard URIs.
+        data_cfg: shuffling, pixel and caption limits, batch size of the decode stage.
+        preprocessor: a backbone :class:`~sdray.backbones.Preprocessor`; rows then hold
+            ``pixels`` float32 (3,S,S), ``input_ids`` and ``attention_mask`` int64 (L,).
+            Without one: ``pixels`` in [0,1] if ``image_size`` is given, else the ``image`` bytes
+            of every decodable image.
+        counter: where skip counts go (:meth:`SkipCounter.create`); ``None``: not collected.
+        decode: ``False`` gives the raw rows (``image`` bytes, not yet decoded).
+
+    Every row also has ``sample_id``, ``image_id``, ``caption`` and ``shard`` (the input shard URI).
+    """
+    import ray
+
+    cfg = data_cfg or DataConfig()
+    shards = list(uri) if isinstance(uri, (list, tuple)) else list_shards(uri)
+    if not shards:
+        raise FileNotFoundError(f"no .tar or .parquet shards under {uri}")
+    if cfg.shuffle_files:
+        random.Random(seed).shuffle(shards)
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(
+        functools.partial(_read_shards, max_caption_bytes=cfg.max_caption_bytes,
+                          shuffle_buffer=cfg.shuffle_buffer if cfg.shuffle_files else 0,
+                          seed=seed, counter=counter, chunk=max(cfg.read_batch_size, 256)),
+        batch_size=1, batch_format="numpy", num_cpus=0.5)
+    if not decode:
+        return ds
+    return ds.map_batches(
+        functools.partial(_decode, preprocessor=preprocessor, max_pixels=cfg.max_image_pixels,
+                          image_size=image_size, counter=counter),
+        batch_size=cfg.read_batch_size, batch_format="numpy")
+
+
+def feature_files(uri: str) -> list[str]:
+    return [f for f in storage.list_files(uri, (".parquet",))]
+
+
+def read_features(uri: str):
+    """A Ray Dataset over the feature shards (Parquet) under ``uri`` written by featurize."""
+    import ray
+
+    files = feature_files(uri)
+    if not files:
+        raise FileNotFoundError(f"no feature shards (.parquet) under {uri}")
+    fs, _ = storage.pyarrow_filesystem(uri)
+    paths = [f[len("s3://"):] if f.startswith("s3://") else f for f in files]
+    return ray.data.read_parquet(paths, filesystem=fs)
+
+
+def is_feature_dir(uri: str) -> bool:
+    """True if ``uri`` holds featurize output (a ``manifest.json`` naming feature dims)."""
+    try:
+        m = storage.read_json(storage.join(uri, "manifest.json"))
+    except Exception:
+        return False
+    return isinstance(m, dict) and "image_dim" in m and "text_dim" in m
