@@ -1,0 +1,160 @@
+"""``sdray index`` on Ray, end to end on the S3 test server: raw corpus → sharded index, both
+directions, N shards = 1 shard, interrupted build resumes without touching the published index,
+index-based evaluation == brute-force evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from sdray import storage
+
+pytestmark = pytest.mark.slow
+
+# small shards use the exact sparse scorer (Seismic has a fixed build cost); flat FAISS: exact
+CFG = {"sparse": {"min_docs": 100000}, "dense": {"kind": "flat"}}
+
+
+@pytest.fixture(scope="module")
+def setup(ray_session, s3_server, tmp_path_factory):
+    from pipelines.synth import synth
+    from sdray.backbones import save_tiny
+    from sdray.config import from_dict
+    from sdray.model import RetrievalModel
+
+    tmp = tmp_path_factory.mktemp("indexjob")
+    tiny = save_tiny("clip", tmp / "tinyclip")
+    cfg = from_dict({"backbone": {"name": "clip", "path": str(tiny), "image_size": 32, "max_text_length": 64},
+                     "heads": {"topk_text": 8, "topk_image": 8}})
+    root = s3_server.uri("indexjob")
+    model_uri = storage.join(root, "model")
+    RetrievalModel.create(cfg).save(model_uri)
+    # 12 images x 2 captions in 2 tar shards, plus one caption shared by two images (dedup)
+    synth(storage.join(root, "data"), n=24, n_val=0, n_test=0, image_size=32, shard_size=12,
+          splits=("train",), progress=False)
+    return {"root": root, "model": model_uri, "corpus": storage.join(root, "data", "train")}
+
+
+def _run(setup, out, shards, **kw):
+    from pipelines.index import run_index
+
+    return run_index(setup["model"], setup["corpus"], out, shards, CFG, batch_size=16, progress=False, **kw)
+
+
+def _all_hits(uri, model, texts, images, version=None):
+    from sdray.index import Retriever
+
+    r = Retriever.load(uri, version=version)
+    try:
+        out = {}
+        for mode in ("dense", "sparse", "hybrid"):
+            for q in (r.search_text(model, texts, k=50, mode=mode), r.search_images(model, images, k=50, mode=mode)):
+                out.setdefault(mode, []).append([[(h.id, h.score) for h in hits] for hits in q])
+        return out
+    finally:
+        r.close()
+
+
+def _same_hits(a, b):
+    for mode in a:
+        for qa, qb in zip(a[mode], b[mode]):
+            for la, lb in zip(qa, qb):
+                # encoding batches differ between builds: equal up to float32 noise (which may
+                # reorder exact ties)
+                assert np.allclose([s for _, s in la], [s for _, s in lb], atol=1e-5), mode
+                da, db = dict(la), dict(lb)
+                assert set(da) == set(db), mode
+                assert np.allclose([da[i] for i in da], [db[i] for i in da], atol=1e-5), mode
+
+
+def test_index_job_both_sides_shards_resume_and_eval(setup, capsys):
+    import io
+
+    from PIL import Image
+
+    from pipelines import index as job
+    from pipelines.datasets import list_shards
+    from pipelines.evaluate import load_split
+    from sdray.data.formats import iter_shard_samples
+    from sdray.data.skips import SkipCounts
+    from sdray.evaluation import evaluate_features
+    from sdray.index import Retriever, current_version, load_manifest
+    from sdray.index.evaluate import evaluate_index, evaluate_index_uri
+    from sdray.model import RetrievalModel
+    from serve.images import read_image_bytes
+
+    root = setup["root"]
+    model = RetrievalModel.load(setup["model"])
+
+    # --- one shard, through the CLI entry point (flags, --config, --json)
+    cfg_file = storage.join(root, "index.yaml")
+    storage.write_bytes(cfg_file, json.dumps(CFG).encode())
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    one = storage.join(root, "idx1")
+    args = parser.parse_args(["--model", setup["model"], "--corpus", setup["corpus"], "--out", one,
+                              "--shards", "1", "--config", cfg_file, "--batch-size", "16", "--json"])
+    assert job.main(args) == 0
+    summary1 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary1["shards"] == 1 and summary1["samples"] == 24
+
+    samples = []
+    for shard in list_shards(setup["corpus"]):
+        with storage.open_uri(shard, "rb") as f:
+            samples += list(iter_shard_samples(f, shard, SkipCounts()))
+    n_images = len({s["image_id"] for s in samples})
+    n_caps = len({s["caption"] for s in samples})
+    assert summary1["counts"] == {"images": n_images, "captions": n_caps}
+
+    # --- image rows point back at the corpus in a form serve/images.py reads
+    r1 = Retriever.load(one)
+    meta = r1.shards["images"][0].meta
+    by_id = {s["image_id"]: s["image"] for s in samples}
+    for iid, uri in list(zip(meta["image_id"], meta["uri"]))[:3]:
+        assert "#" in uri and uri.startswith(setup["corpus"])
+        assert read_image_bytes(uri) == by_id[iid]
+    assert set(r1.shards["captions"][0].meta["caption"]) == {s["caption"] for s in samples}
+    assert r1.vocabulary is not None and len(r1.vocabulary) == r1.shards["images"][0].docs.dim
+    r1.close()
+
+    # --- rebuild the same OUT with three shards, interrupted after one shard: the published
+    # (1-shard) index is untouched; running it again resumes and publishes the 3-shard version
+    from pipelines.index import Interrupted
+
+    v_old = current_version(one)
+    assert v_old == summary1["version"]
+    with pytest.raises(Interrupted):
+        _run(setup, one, 3, interrupt_after=1)
+    assert current_version(one) == v_old                         # still the old version
+    assert storage.exists(storage.join(one, "_building.json"))
+    Retriever.load(one).close()                                  # and it still loads
+    resumed = _run(setup, one, 3)
+    assert resumed["resumed"] and len(resumed["reused"]) >= 1 and resumed["version"] != v_old
+    assert sum(resumed["encoded"].values()) < n_images + n_caps   # reused shards not re-encoded
+    assert current_version(one) == resumed["version"]
+    assert not storage.exists(storage.join(one, "_building.json"))
+    m = load_manifest(one)
+    assert len(m["shards"]) == 3 and m["sides"]["images"]["count"] == n_images
+    assert m["sides"]["captions"]["count"] == n_caps
+
+    # --- N shards == 1 shard, both directions, every mode
+    texts = sorted({s["caption"] for s in samples})[:5]
+    imgs = [Image.open(io.BytesIO(s["image"])).convert("RGB") for s in samples[:4]]
+    _same_hits(_all_hits(one, model, texts, imgs, version=v_old), _all_hits(one, model, texts, imgs))
+
+    # --- index-based evaluation == brute force on the same data
+    data = load_split(setup["corpus"], model)
+    brute = evaluate_features(model.heads, data, model.config)
+    r = Retriever.load(one, version=v_old)
+    results = {v_old: evaluate_index(r, model.heads, data, model.config)}
+    r.close()
+    results[resumed["version"]] = evaluate_index_uri(one, model, data)   # the published one
+    for version, via in results.items():
+        for d in ("t2i", "i2t"):
+            for rep in ("dense", "sparse", "hybrid"):
+                assert via[d][rep] == pytest.approx(brute[d][rep], abs=1e-12), (version, d, rep)
+        assert via["sparsity"] == pytest.approx(brute["sparsity"])
+        assert (via["n_texts"], via["n_images"]) == (brute["n_texts"], brute["n_images"])
