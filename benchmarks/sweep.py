@@ -1,0 +1,203 @@
+"""Sweep of the training defaults on generated data (val split), in-process on cached features.
+
+Usage::
+
+    sdray synth --out DATA && sdray featurize --data DATA --out FEAT
+    python benchmarks/sweep.py --features FEAT --out sweep.jsonl [--only NAME ...] [--epochs E]
+    python benchmarks/sweep.py --features FEAT --out sweep.jsonl --table   # markdown table
+
+Every setting trains with :func:`sdray.training.fit_in_process` (the same :class:`Trainer` the Ray
+pipeline runs) on ``FEAT/train``, validates each epoch on ``FEAT/val`` and keeps the best epoch by
+``selection.metric`` within ``selection.max_nnz`` (last epoch if none qualifies). ``d2s`` and
+``joint`` start from the ``dense`` run's final layers (``init``). Results append to ``--out`` as
+JSON lines, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from sdray import config as config_lib
+from sdray.evaluation import evaluate_features, rsum
+from sdray.training import fit_in_process, heads_state, init_from_model
+
+# name -> (method, init run name or None, overrides)
+OFFICIAL = {"loss.w1": 0.1, "loss.w2": 0.1, "loss.lambda1": 0.9, "loss.lambda2": 0.3,
+            "loss.q_reg": 5e-4, "loss.d_reg": 3e-5}
+SETTINGS: dict[str, tuple[str, str | None, dict]] = {
+    "dense-lr5e-5": ("dense", None, {"optim.lr": 5e-5}),
+    "dense-lr2e-3": ("dense", None, {"optim.lr": 2e-3}),
+    "dense-lr1e-2": ("dense", None, {"optim.lr": 1e-2}),
+    "d2s-l1e-3-ec": ("d2s", "dense", {"loss.d2s_l1": 1e-3}),
+    "d2s-l1e-2-ec": ("d2s", "dense", {"loss.d2s_l1": 1e-2}),
+    "joint-official": ("joint", "dense", {**OFFICIAL}),
+    "joint-official-undetached": ("joint", "dense", {**OFFICIAL, "loss.detach_teacher": False,
+                                                     "loss.teacher_orientation": "official"}),
+    "joint-reg5e-3": ("joint", "dense", {**OFFICIAL, "loss.q_reg": 5e-3, "loss.d_reg": 5e-3}),
+    "joint-reg5e-3-ec": ("joint", "dense", {**OFFICIAL, "loss.q_reg": 5e-3, "loss.d_reg": 5e-3,
+                                            "loss.expansion_control": True}),
+    "joint-reg2e-2-ec": ("joint", "dense", {**OFFICIAL, "loss.q_reg": 2e-2, "loss.d_reg": 2e-2,
+                                            "loss.expansion_control": True}),
+    "joint-reg5e-3-ec-w2": ("joint", "dense", {**OFFICIAL, "loss.q_reg": 5e-3, "loss.d_reg": 5e-3,
+                                               "loss.expansion_control": True, "loss.w1": 0.2,
+                                               "loss.w2": 0.5, "loss.lambda2": 0.9}),
+    "joint-official-lr5e-4": ("joint", "dense", {**OFFICIAL, "optim.lr": 5e-4}),
+    "joint-official-undetached-lr5e-4": ("joint", "dense", {**OFFICIAL, "optim.lr": 5e-4,
+                                                            "loss.detach_teacher": False,
+                                                            "loss.teacher_orientation": "official"}),
+    "joint-reg1e-3-ec-lr5e-4": ("joint", "dense", {**OFFICIAL, "optim.lr": 5e-4, "loss.q_reg": 1e-3,
+                                                   "loss.d_reg": 1e-3, "loss.expansion_control": True}),
+    "joint-reg1e-3-ec-lr5e-4-w2": ("joint", "dense", {**OFFICIAL, "optim.lr": 5e-4, "loss.q_reg": 1e-3,
+                                                      "loss.d_reg": 1e-3, "loss.expansion_control": True,
+                                                      "loss.w1": 0.2, "loss.w2": 0.5, "loss.lambda2": 0.9}),
+    "joint-reg2e-4-ec-l2-lr5e-4": ("joint", "dense", {**OFFICIAL, "optim.lr": 5e-4, "loss.q_reg": 2e-4,
+                                                      "loss.d_reg": 2e-4, "loss.expansion_control": True,
+                                                      "loss.lambda2": 0.9}),
+    "joint-reg2e-4-ec-l2-lr5e-4-undetached": ("joint", "dense", {
+        **OFFICIAL, "optim.lr": 5e-4, "loss.q_reg": 2e-4, "loss.d_reg": 2e-4,
+        "loss.expansion_control": True, "loss.lambda2": 0.9, "loss.detach_teacher": False,
+        "loss.teacher_orientation": "official"}),
+    "joint-flops-ec": ("joint", "dense", {**OFFICIAL, "loss.regularizer": "flops", "loss.q_reg": 5e-2,
+                                          "loss.d_reg": 5e-2, "loss.expansion_control": True}),
+}
+
+
+def fusions(cfg, tau: float) -> dict:
+    w1, w2 = cfg.fusion_weights()
+    return {"raw": {"method": "raw", "w1": w1, "w2": w2},
+            "calibrated": {"method": "calibrated", "w1": w1, "w2": w2, "tau": tau},
+            "zscore": {"method": "calibrated", "w1": w1, "w2": w2, "tau": tau, "normalize": "zscore"},
+            "rrf": {"method": "rrf", "k_rrf": cfg.fusion.rrf_k}}
+
+
+def run_setting(name, method, init_state, overrides, train, val, base_overrides, epochs):
+    from sdray.backbones import load_backbone
+    from sdray.model import build_heads
+
+    cfg = config_lib.with_overrides(config_lib.SdrayConfig(), {
+        **base_overrides, "loss.method": method, "optim.epochs": epochs, **overrides})
+    backbone = load_backbone(cfg.backbone, proj_dim=cfg.heads.dense_dim)
+    torch.manual_seed(cfg.optim.seed)  # the same fresh sparse head for every setting
+    heads = build_heads(cfg, backbone)
+    if init_state is not None:
+        init_from_model(heads, init_state)
+    t0 = time.time()
+    heads, history = fit_in_process(
+        cfg, heads, train, val,
+        log=lambda r: print(f"  {name} epoch {r['epoch']}: loss {r['loss']:.3f} tau {r['tau']:.4f} "
+                            f"dense {rsum(r['val'], 'dense'):.3f} sparse {rsum(r['val'], 'sparse'):.3f} "
+                            f"hybrid {rsum(r['val'], 'hybrid'):.3f} nnz "
+                            f"{r['val']['sparsity']['text_nnz']:.0f}/{r['val']['sparsity']['image_nnz']:.0f}"
+                            f"{' *' if r.get('selected') else ''} ({r['seconds']:.0f}s)", flush=True))
+    seconds = time.time() - t0
+    tau = float(heads.tau.detach())
+    res = evaluate_features(heads, val, cfg, fusions(cfg, tau))
+    kept = max((r["epoch"] for r in history if r.get("selected")), default=None)
+    row = {"name": name, "method": method, "overrides": overrides, "epochs": epochs,
+           "kept_epoch": kept, "tau": tau, "seconds": seconds,
+           "rsum": {k: rsum(res, k) for k in res["t2i"]}, "sparsity": res["sparsity"],
+           "t2i_R@1": {k: res["t2i"][k]["R@1"] for k in res["t2i"]},
+           "history": [{"epoch": r["epoch"], "loss": r["loss"], "tau": r["tau"],
+                        "rsum_dense": rsum(r["val"], "dense"), "rsum_sparse": rsum(r["val"], "sparse"),
+                        "text_nnz": r["val"]["sparsity"]["text_nnz"],
+                        "image_nnz": r["val"]["sparsity"]["image_nnz"]} for r in history]}
+    return row, heads_state(heads)
+
+
+def _kept(r: dict, budget: float = 256.0):
+    """The epoch the selector keeps: best RSUM (dense for dense, else sparse) within the budget."""
+    key = "rsum_dense" if r["method"] == "dense" else "rsum_sparse"
+    ok = [h for h in r["history"]
+          if r["method"] == "dense" or (h["text_nnz"] <= budget and h["image_nnz"] <= budget)]
+    best = None
+    for h in ok:
+        if best is None or h[key] > best[key]:
+            best = h
+    return None if best is None else best["epoch"]
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| setting | method | kept epoch | τ | dense RSUM | sparse RSUM | hybrid (calibrated) | "
+            "raw | z-score | RRF | text nnz | image nnz | FLOPs | s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        r = dict(r)
+        r["kept_epoch"] = _kept(r)
+        s = r["rsum"]
+        sp = r["sparsity"]
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['kept_epoch'] or 'last (over budget)'} | {r['tau']:.4f} | "
+            f"{100 * s['dense']:.1f} | {100 * s['sparse']:.1f} | {100 * s['hybrid']:.1f} | "
+            f"{100 * s.get('hybrid_raw', float('nan')):.1f} | {100 * s.get('hybrid_zscore', float('nan')):.1f} | "
+            f"{100 * s.get('hybrid_rrf', float('nan')):.1f} | {sp['text_nnz']:.0f} | {sp['image_nnz']:.0f} | "
+            f"{sp['flops']:.0f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--features", required=True, help="featurize output with train/ and val/")
+    p.add_argument("--out", required=True, help="JSON lines of results (appended)")
+    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--epochs", type=int, default=None, help="default: the config's")
+    p.add_argument("--set", action="append", default=[], help="base override KEY=VALUE")
+    p.add_argument("--dense-from", default=None, help="setting whose heads are the d2s/joint init")
+    p.add_argument("--table", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    done = {}
+    if os.path.exists(args.out):
+        for line in open(args.out):
+            r = json.loads(line)
+            done[r["name"]] = r
+    if args.table:
+        print(table(list(done.values())))
+        return 0
+    import yaml
+
+    from pipelines.evaluate import read_feature_columns
+
+    torch.set_num_threads(args.threads)
+    base = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    epochs = args.epochs or config_lib.SdrayConfig().optim.epochs
+    train = read_feature_columns(os.path.join(args.features, "train"))
+    val = read_feature_columns(os.path.join(args.features, "val"))
+    print(f"train {len(train['caption'])} pairs, val {len(val['caption'])} pairs", flush=True)
+    names = args.only or list(SETTINGS)
+    dense_state = None
+    state_path = args.out + ".dense.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    if os.path.exists(state_path):
+        dense_state = load_file(state_path)
+    for name in names:
+        method, init, overrides = SETTINGS[name]
+        if name in done:
+            continue
+        if init and dense_state is None:
+            print(f"skip {name}: no dense run yet", file=sys.stderr)
+            continue
+        print(f"== {name}", flush=True)
+        row, state = run_setting(name, method, dense_state if init else None, overrides, train, val,
+                                 base, epochs)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[name] = row
+        if method == "dense" and (args.dense_from in (None, name)):
+            best_dense = max((r for r in done.values() if r["method"] == "dense"),
+                             key=lambda r: r["rsum"]["dense"])
+            if best_dense["name"] == name:
+                dense_state = state
+                save_file(state, state_path)
+    print(table(list(done.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""sdray.training: per-method losses match the loss modules; 2 workers × B == 1 worker × 2B;
+checkpoint state round-trips without pickle; schedules; selection within a sparsity budget."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sdray.config import from_dict
+from sdray.heads import RetrieverHeads
+from sdray.losses import D2SLoss, DenseContrastiveLoss, JointSelfDistillationLoss, positive_mask
+from sdray.training import (
+    FeatureBatch,
+    Selector,
+    Trainer,
+    init_from_model,
+    iterate_batches,
+    load_checkpoint,
+    lr_factor,
+    metric_value,
+    save_checkpoint,
+)
+
+HT, HI, D, V, HID = 16, 12, 8, 60, 6
+
+
+def make_heads(seed: int = 0) -> RetrieverHeads:
+    g = torch.Generator().manual_seed(seed)
+    tp, vp = nn.Linear(HT, D), nn.Linear(HI, D)
+    with torch.no_grad():
+        for lin in (tp, vp):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.3)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
+    heads = RetrieverHeads(tp, vp, torch.randn(V, HID, generator=g) * 0.5)
+    with torch.no_grad():
+        for p in heads.sparse.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 and p is heads.sparse.norm.weight else 0.0))
+    return heads
+
+
+def make_batch(n: int, seed: int = 1) -> FeatureBatch:
+    g = torch.Generator().manual_seed(seed)
+    image_ids = [f"img{i // 2}" for i in range(n)]  # two captions per image
+    captions = [f"cap{i}" if i % 5 else "same caption" for i in range(n)]  # a repeated caption
+    ids = torch.randint(0, V, (n, 7), generator=g)
+    return FeatureBatch.from_arrays(
+        torch.randn(n, HT, generator=g).numpy(), torch.randn(n, HI, generator=g).numpy(),
+        image_ids, captions, [r.numpy() for r in ids])
+
+
+def cfg_for(method: str, **loss) -> object:
+    return from_dict({"loss": {"method": method, "q_reg": 1e-2, "d_reg": 5e-3, "d2s_l1": 1e-2,
+                               "d2s_expansion_control": False, "expansion_control": False, **loss},
+                      "optim": {"lr": 1e-2, "method_lr": {}, "batch_size": 8,
+                                "warmup_fraction": 0.0}})
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("dense", {}),
+    ("d2s", {}),
+    ("joint", {}),
+    ("joint", {"detach_teacher": False, "teacher_orientation": "official"}),
+    ("joint", {"regularizer": "flops"}),
+])
+def test_local_loss_equals_loss_modules(method, opts):
+    cfg = cfg_for(method, **opts)
+    heads = make_heads()
+    trainer = Trainer(cfg, heads, total_steps=10)
+    batch = make_batch(8)
+    loss, logs = trainer.compute_loss(batch, step=5)
+    d_t, d_i = heads.text_proj(batch.text_features), heads.vision_proj(batch.image_features)
+    z_t, z_i = heads.sparse(d_t), heads.sparse(d_i)
+    pos = positive_mask(batch.image_ids, batch.caption_ids)
+    if method == "dense":
+        ref, _ = DenseContrastiveLoss()(d_i, d_t, heads.tau, pos)
+    elif method == "d2s":
+        ref, _ = D2SLoss(1e-2, 1e-2, total_steps=10)(d_i, d_t, z_i, z_t, heads.tau, step=5)
+    else:
+        lc = cfg.loss
+        ref, _ = JointSelfDistillationLoss(lc.w1, lc.w2, lc.lambda1, lc.lambda2, lc.q_reg, lc.d_reg,
+                                           total_steps=10, regularizer=lc.regularizer,
+                                           detach_teacher=lc.detach_teacher,
+                                           teacher_orientation=lc.teacher_orientation)(
+            d_i, d_t, z_i, z_t, heads.tau, pos, step=5)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert float(logs["loss"]) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_trainable_parameters_per_method():
+    for method, trainable in (("dense", {"text_proj", "vision_proj", "tau"}),
+                              ("d2s", {"sparse"}), ("joint", {"text_proj", "vision_proj", "tau", "sparse"})):
+        t = Trainer(cfg_for(method), make_heads(), 4)
+        got = {n.split(".")[0] for n, p in t.heads.named_parameters() if p.requires_grad}
+        assert got == trainable, method
+        before = {n: p.detach().clone() for n, p in t.heads.named_parameters()}
+        t.train_step(make_batch(8))
+        for n, p in t.heads.named_parameters():
+            changed = not torch.equal(before[n], p.detach())
+            if n.split(".")[0] not in trainable:
+                assert not changed, (method, n)
+
+
+def test_expansion_control_masks_captions_to_their_tokens():
+    cfg = cfg_for("d2s", d2s_expansion_control=True)
+    t = Trainer(cfg, make_heads(), total_steps=100, special_token_ids=())
+    assert t.expansion is not None and t.expansion.probability(0) == 1.0
+    logs = t.train_step(make_batch(8))
+    # at step 0 every caption is masked to its <= 7 distinct tokens
+    assert logs["nnz_text"] <= 7
+    assert logs["expansion_p"] == 1.0
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    f = [lr_factor(s, 10, 0.2) for s in range(10)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
+    assert f[2] == pytest.approx(1.0) and f[9] == pytest.approx(1 / 8)
+    assert all(a >= b for a, b in zip(f[1:], f[2:]))
+    assert lr_factor(0, 10, 0.0) == 1.0
+
+
+def test_checkpoint_roundtrip_resumes_identically(tmp_path):
+    cfg = cfg_for("joint", expansion_control=True)
+    data_batches = [make_batch(8, seed=s) for s in range(4)]
+    ref = Trainer(cfg, make_heads(), total_steps=4)
+    for b in data_batches:
+        ref.train_step(b)
+    a = Trainer(cfg, make_heads(), total_steps=4)
+    for b in data_batches[:2]:
+        a.train_step(b)
+    save_checkpoint(str(tmp_path / "ck"), a, {"epoch": 0, "batch": 2})
+    files = sorted(os.listdir(tmp_path / "ck"))
+    assert files == ["config.yaml", "heads.safetensors", "model.json", "optimizer.safetensors",
+                     "trainer_state.json"]
+    b2 = Trainer(cfg, make_heads(seed=9), total_steps=4)
+    loop = load_checkpoint(str(tmp_path / "ck"), b2)
+    assert loop == {"epoch": 0, "batch": 2} and b2.step == 2
+    for b in data_batches[2:]:
+        b2.train_step(b)
+    for (n, p), (_, q) in zip(ref.heads.named_parameters(), b2.heads.named_parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+    # the checkpoint is also a loadable model
+    from sdray.model import RetrievalModel
+    m = RetrievalModel.load(str(tmp_path / "ck"))
+    assert m.meta["method"] == "joint"
+
+
+def test_init_from_model_copies_final_layers_only():
+    src, dst = make_heads(1), make_heads(2)
+    keys = init_from_model(dst, src.state_dict())
+    assert set(keys) == {"text_proj.linear.weight", "text_proj.linear.bias", "vision_proj.linear.weight",
+                         "vision_proj.linear.bias", "tau"}
+    torch.testing.assert_close(dst.text_proj.linear.weight, src.text_proj.linear.weight)
+    assert not torch.equal(dst.sparse.transform.weight, src.sparse.transform.weight)
+
+
+def _result(rsum_part: float, nnz: float) -> dict:
+    m = {"R@1": rsum_part, "R@5": rsum_part, "R@10": rsum_part, "MRR@10": rsum_part}
+    reps = {"dense": m, "sparse": m, "hybrid": m}
+    return {"t2i": reps, "i2t": reps, "sparsity": {"text_nnz": nnz, "image_nnz": nnz, "flops": 1.0}}
+
+
+def test_selector_respects_sparsity_budget_and_patience():
+    sel = Selector("rsum_sparse", 256.0, patience=2)
+    assert not sel.update(1, _result(0.9, 3000))  # best recall, too dense: not eligible
+    assert sel.update(2, _result(0.5, 200))
+    assert not sel.update(3, _result(0.4, 100))
+    assert sel.update(4, _result(0.6, 250))
+    assert sel.best_epoch == 4 and not sel.should_stop
+    sel.update(5, _result(0.1, 10))
+    sel.update(6, _result(0.1, 10))
+    assert sel.should_stop
+    assert Selector.from_json(sel.to_json()).to_json() == sel.to_json()
+    assert metric_value(_result(0.5, 1), "t2i.sparse.R@1") == 0.5
+
+
+def test_iterate_batches_drops_last_and_covers_rows():
+    n = 21
+    data = {"text_features": np.zeros((n, HT), np.float32), "image_features": np.zeros((n, HI), np.float32),
+            "image_id": list(range(n)), "caption": [str(i) for i in range(n)]}
+    batches = list(iterate_batches(data, 8, seed=0))
+    assert [len(b) for b in batches] == [8, 8]
+    assert len(set(torch.cat([b.image_ids for b in batches]).tolist())) == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 workers x B == 1 worker x 2B (torch.distributed gloo, two local processes)
+
+
+def _slice(batch: FeatureBatch, a: int, b: int) -> FeatureBatch:
+    return FeatureBatch(*(None if t is None else t[a:b] for t in (
+        batch.text_features, batch.image_features, batch.image_ids, batch.caption_ids,
+        batch.input_ids, batch.attention_mask)))
+
+
+CASES = [
+    ("dense", {}, "auto"),
+    ("d2s", {"d2s_expansion_control": True}, "topk"),
+    ("joint", {}, "auto"),
+    ("joint", {"regularizer": "flops", "detach_teacher": False, "teacher_orientation": "official"}, "topk"),
+    ("joint", {"expansion_control": True}, "dense"),
+]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for i, (method, opts, gather) in enumerate(CASES):
+            cfg = cfg_for(method, **opts).model_copy(deep=True)
+            cfg.optim.sparse_gather = gather
+            t = Trainer(cfg, make_heads(), total_steps=20, special_token_ids=())
+            t.generator.manual_seed(123 + rank)
+            full = make_batch(16)
+            half = _slice(full, rank * 8, (rank + 1) * 8)
+            loss, logs = t.compute_loss(half, step=3)
+            loss.backward()
+            from sdray.training import average_gradients
+            average_gradients(t.params)
+            if rank == 0:
+                out = {f"grad.{n}": p.grad.clone() for n, p in t.heads.named_parameters() if p.grad is not None}
+                out["loss"] = logs["loss"].reshape(1).clone()
+                save_file(out, os.path.join(out_dir, f"case{i}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_equal_one_worker_with_double_batch(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for i, (method, opts, gather) in enumerate(CASES):
+        cfg = cfg_for(method, **opts).model_copy(deep=True)
+        cfg.optim.sparse_gather = gather
+        t = Trainer(cfg, make_heads(), total_steps=20, special_token_ids=())
+        full = make_batch(16)
+        if t.expansion is not None:
+            # the same per-caption draws as the two ranks made (rank r draws for its 8 rows)
+            g0, g1 = torch.Generator().manual_seed(123), torch.Generator().manual_seed(124)
+            m0 = t.expansion(full.input_ids[:8], 3, full.attention_mask[:8], generator=g0)
+            m1 = t.expansion(full.input_ids[8:], 3, full.attention_mask[8:], generator=g1)
+            mask = torch.cat([m0, m1])
+            t.expansion = _FixedMask(mask)
+        loss, logs = t.compute_loss(full, step=3)
+        loss.backward()
+        got = load_file(str(tmp_path / f"case{i}.safetensors"))
+        torch.testing.assert_close(got["loss"][0], loss.detach(), rtol=1e-5, atol=1e-6)
+        n_grads = 0
+        for n, p in t.heads.named_parameters():
+            if p.grad is None:
+                continue
+            n_grads += 1
+            torch.testing.assert_close(got[f"grad.{n}"], p.grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{method} {opts} {n}: {m}")
+        assert n_grads > 0
+
+
+class _FixedMask(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, *a, **k):
+        return self.mask
+
+    def probability(self, step):
+        return 1.0
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.0])
+def test_sparse_kernels_give_the_same_gradients(monkeypatch, threshold):
+    """The CPU sparse-aware kernels (forced on with threshold 1, off with 0) are exact."""
+    import sdray.training as tr
+
+    monkeypatch.setattr(tr, "SPARSE_DENSITY_THRESHOLD", threshold)
+    grads = []
+    for fast in (True, False):
+        t = Trainer(cfg_for("joint", expansion_control=True), make_heads(), 10, fast_kernels=fast,
+                    special_token_ids=())
+        t.generator.manual_seed(5)
+        loss, _ = t.compute_loss(make_batch(12), step=4)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in t.heads.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-5, atol=1e-6, msg=n)
