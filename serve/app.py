@@ -167,7 +167,8 @@ class QueryEncoder:
         w1, w2 = model.config.fusion_weights()
         return {"vocabulary": list(model.vocabulary),
                 "fusion": {"method": model.config.fusion.method, "w1": w1, "w2": w2,
-                           "tau": model.tau, "rrf_k": model.config.fusion.rrf_k},
+                           "tau": model.tau, "rrf_k": model.config.fusion.rrf_k,
+                           "normalize": model.config.fusion.normalize},
                 "method": model.meta.get("method")}
 
 
@@ -377,7 +378,7 @@ class Ingress:
             self.vocab = vocab
         mfusion = manifest.get("fusion") or {}
         self.fusion_defaults.update({k: v for k, v in mfusion.items()
-                                     if k in ("method", "w1", "w2", "tau") and v is not None})
+                                     if k in ("method", "w1", "w2", "tau", "normalize") and v is not None})
         if "k_rrf" in mfusion:
             self.fusion_defaults["rrf_k"] = mfusion["k_rrf"]
         self.manifest, self.model_uri, self.version = manifest, model_uri, version
@@ -438,7 +439,7 @@ class Ingress:
                 d[key] = val
         return Fusion(method=d.get("method", "calibrated"), w1=float(d.get("w1", 1.0)),
                       w2=float(d.get("w2", 1.0)), tau=float(d.get("tau", 0.07)),
-                      rrf_k=float(d.get("rrf_k", 60.0)))
+                      rrf_k=float(d.get("rrf_k", 60.0)), normalize=d.get("normalize"))
 
     def _term(self, term_id: int) -> str:
         v = self.vocab
@@ -461,14 +462,14 @@ class Ingress:
         self.metrics.batch.labels("text" if q.text is not None else "image").observe(enc["batch_size"])
         fusion = self._fusion(q)
         candidates = self.cfg.candidates or int((self.manifest or {}).get("config", {}).get("candidates", 100))
-        linear = q.mode != "hybrid" or fusion.method != "rrf"
+        linear = q.mode != "hybrid" or not fusion.per_query()
         parts_nested = await asyncio.wait_for(asyncio.gather(*(
             g.search.remote(version, q.direction, enc["dense"], enc["sparse_ids"], enc["sparse_vals"],
                             q.mode, q.k, candidates, fusion.__dict__, q.explain if linear else 0)
             for g in self.groups)), timeout)
         t_search = time.perf_counter()
         parts = [p for nested in parts_nested for p in nested]
-        hits = merge(parts, q.mode, q.k, fusion)
+        hits = merge(parts, q.mode, q.k, fusion, candidates)
         if not linear and q.explain and hits:
             await self._explain_late(hits, q, version, enc)
         qterms = []

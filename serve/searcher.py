@@ -11,7 +11,8 @@ Per shard and query, :meth:`ShardGroup.search` returns candidates with **both ex
 * ``sparse`` mode: the sparse index's top-``c`` (Seismic is approximate), rescored exactly, top-k;
 * ``hybrid``: the union of the dense and sparse top-``c`` (``c = max(k, candidates)``). Linear
   fusions (``raw``, ``calibrated``) are per-document, so each shard keeps only its fused top-k;
-  ``rrf`` ranks are global, so the whole union comes back and :func:`merge` ranks it.
+  ``rrf`` ranks and z-score normalisation are global, so the whole union comes back and
+  :func:`merge` cuts it to the global top-``c`` of each index before fusing.
 
 Union-of-top-c per shard contains the global top-c of each index, so merged dense/sparse results
 equal a single-index search, and fused results equal :func:`sdray.fusion.fuse_candidates` over
@@ -46,9 +47,15 @@ class Fusion:
     w2: float = 1.0
     tau: float = 0.07
     rrf_k: float = 60.0
+    normalize: str | None = None
+
+    def per_query(self) -> bool:
+        """True when a document's fused score depends on the other candidates (RRF, z-score)."""
+        return self.method == "rrf" or (self.method == "calibrated" and bool(self.normalize))
 
     def config(self) -> FusionConfig:
-        return FusionConfig(method=self.method, w1=self.w1, w2=self.w2, tau=self.tau, k_rrf=self.rrf_k)
+        return FusionConfig(method=self.method, w1=self.w1, w2=self.w2, tau=self.tau,
+                            normalize=self.normalize, k_rrf=self.rrf_k)
 
 
 def query_csr(ids, values, dim: int) -> CSR:
@@ -106,7 +113,7 @@ def search_shard(shard: Shard, shard_no: int, dense_q: np.ndarray, sparse_q: CSR
         sel = _top(dense, doc_no, k)
     elif mode == "sparse":
         sel = _top(sparse, doc_no, k)
-    elif fusion.method == "rrf":
+    elif fusion.per_query():
         sel = np.arange(len(rows))
     else:
         fused = fusion.config()(dense[None].astype(np.float64), sparse[None].astype(np.float64))[0].numpy()
@@ -128,7 +135,14 @@ def search_shard(shard: Shard, shard_no: int, dense_q: np.ndarray, sparse_q: CSR
     }
 
 
-def merge(parts: list[dict], mode: str, k: int, fusion: Fusion) -> list[dict]:
+def _global_candidates(dense: np.ndarray, sparse: np.ndarray, doc_no: np.ndarray, c: int) -> np.ndarray:
+    """Positions of the union of the global dense top-``c`` and sparse top-``c`` (sparse > 0)."""
+    with_sparse = np.flatnonzero(sparse > 0)
+    top_sparse = with_sparse[_top(sparse[with_sparse], doc_no[with_sparse], c)]
+    return np.union1d(_top(dense, doc_no, c), top_sparse)
+
+
+def merge(parts: list[dict], mode: str, k: int, fusion: Fusion, candidates: int) -> list[dict]:
     """Global top-k over every shard's candidates: hit dicts sorted best first."""
     cols: dict[str, list] = {}
     for p in parts:
@@ -147,9 +161,13 @@ def merge(parts: list[dict], mode: str, k: int, fusion: Fusion) -> list[dict]:
         order, score = _top(sparse, doc_no, k), sparse
         fused = np.asarray(cols["fused"], np.float64)
     else:
+        if fusion.per_query():
+            keep = _global_candidates(dense, sparse, doc_no, max(k, candidates))
+            cols = {key: [vals[i] for i in keep] for key, vals in cols.items()}
+            doc_no, dense, sparse, n = doc_no[keep], dense[keep], sparse[keep], len(keep)
         (ids, fscores), = fuse_candidates([doc_no], [dense], [sparse], method=fusion.method, k=k,
                                           w1=fusion.w1, w2=fusion.w2, tau=fusion.tau,
-                                          k_rrf=fusion.rrf_k)
+                                          normalize=fusion.normalize, k_rrf=fusion.rrf_k)
         pos = {int(d): i for i, d in enumerate(doc_no)}
         order = np.asarray([pos[int(d)] for d in ids], np.int64)
         fused = np.zeros(n, np.float64)

@@ -203,13 +203,15 @@ def test_sharded_search_merges_exactly_like_the_in_process_retriever(random_inde
         ids = np.flatnonzero(sq)
         for side, direction in (("images", "t2i"), ("captions", "i2t")):
             for mode in ("dense", "sparse", "hybrid"):
-                for method in ("calibrated", "raw", "rrf"):
-                    fusion = Fusion(method=method, w1=0.5, w2=0.2, tau=0.05)
-                    want = retriever.search(dq[None], sq[None], k=7, mode=mode, side=side,
-                                            fusion={"method": method}, explain=3)[0]
+                for method, normalize in (("calibrated", None), ("calibrated", "zscore"),
+                                          ("raw", None), ("rrf", None)):
+                    fusion = Fusion(method=method, w1=0.5, w2=0.2, tau=0.05, normalize=normalize)
+                    want = retriever.search(dq[None], sq[None], k=7, mode=mode, side=side, candidates=100,
+                                            fusion={"method": method, "normalize": normalize},
+                                            explain=3)[0]
                     parts = [p for g in gs for p in g.search(version, direction, dq, ids, sq[ids], mode, 7,
                                                              100, fusion, 3)]
-                    got = merge(parts, mode, 7, fusion)
+                    got = merge(parts, mode, 7, fusion, 100)
                     assert [h["id"] for h in got] == [h.id for h in want], (mode, method)
                     assert np.allclose([h["score"] for h in got], [h.score for h in want], rtol=1e-5)
                     if method != "rrf" or mode != "hybrid":
