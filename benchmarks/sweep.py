@@ -10,7 +10,8 @@ Every setting trains with :func:`sdray.training.fit_in_process` (the same :class
 pipeline runs) on ``FEAT/train``, validates each epoch on ``FEAT/val`` and keeps the best epoch by
 ``selection.metric`` within ``selection.max_nnz`` (last epoch if none qualifies). ``d2s`` and
 ``joint`` start from the ``dense`` run's final layers (``init``). Results append to ``--out`` as
-JSON lines, so an interrupted sweep resumes where it stopped.
+JSON lines keyed by (setting, epochs), so an interrupted sweep resumes where it stopped and a
+setting can be rerun at another ``--epochs`` next to its earlier row.
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ SETTINGS: dict[str, tuple[str, str | None, dict]] = {
         **OFFICIAL, "optim.lr": 5e-4, "loss.q_reg": 2e-4, "loss.d_reg": 2e-4,
         "loss.expansion_control": True, "loss.lambda2": 0.9, "loss.detach_teacher": False,
         "loss.teacher_orientation": "official"}),
+    "joint-reg2e-4-ec-l2-lr5e-4-sh2e-3": ("joint", "dense", {
+        **OFFICIAL, "optim.lr": 5e-4, "optim.sparse_head_lr": 2e-3, "loss.q_reg": 2e-4,
+        "loss.d_reg": 2e-4, "loss.expansion_control": True, "loss.lambda2": 0.9}),
+    "joint-reg2e-4-ec-l2-lr5e-4-sh1e-3": ("joint", "dense", {
+        **OFFICIAL, "optim.lr": 5e-4, "optim.sparse_head_lr": 1e-3, "loss.q_reg": 2e-4,
+        "loss.d_reg": 2e-4, "loss.expansion_control": True, "loss.lambda2": 0.9}),
+    "joint-reg5e-5-ec-l2-lr5e-4-sh2e-3": ("joint", "dense", {
+        **OFFICIAL, "optim.lr": 5e-4, "optim.sparse_head_lr": 2e-3, "loss.q_reg": 5e-5,
+        "loss.d_reg": 5e-5, "loss.expansion_control": True, "loss.lambda2": 0.9}),
     "joint-flops-ec": ("joint", "dense", {**OFFICIAL, "loss.regularizer": "flops", "loss.q_reg": 5e-2,
                                           "loss.d_reg": 5e-2, "loss.expansion_control": True}),
 }
@@ -123,7 +133,7 @@ def _kept(r: dict, budget: float = 256.0):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| setting | method | kept epoch | τ | dense RSUM | sparse RSUM | hybrid (calibrated) | "
+    head = ("| setting | method | epochs | kept epoch | τ | dense RSUM | sparse RSUM | hybrid (calibrated) | "
             "raw | z-score | RRF | text nnz | image nnz | FLOPs | s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -132,8 +142,8 @@ def table(rows: list[dict]) -> str:
         s = r["rsum"]
         sp = r["sparsity"]
         lines.append(
-            f"| {r['name']} | {r['method']} | {r['kept_epoch'] or 'last (over budget)'} | {r['tau']:.4f} | "
-            f"{100 * s['dense']:.1f} | {100 * s['sparse']:.1f} | {100 * s['hybrid']:.1f} | "
+            f"| {r['name']} | {r['method']} | {r.get('epochs', '')} | {r['kept_epoch'] or 'last (over budget)'} | {r['tau']:.4f} | "
+            f"{100 * s['dense']:.1f} | {100 * s['sparse']:.1f} | {100 * s.get('hybrid_calibrated', s['hybrid']):.1f} | "
             f"{100 * s.get('hybrid_raw', float('nan')):.1f} | {100 * s.get('hybrid_zscore', float('nan')):.1f} | "
             f"{100 * s.get('hybrid_rrf', float('nan')):.1f} | {sp['text_nnz']:.0f} | {sp['image_nnz']:.0f} | "
             f"{sp['flops']:.0f} | {r['seconds']:.0f} |")
@@ -155,7 +165,7 @@ def main(argv=None) -> int:
     if os.path.exists(args.out):
         for line in open(args.out):
             r = json.loads(line)
-            done[r["name"]] = r
+            done[(r["name"], r.get("epochs"))] = r  # a setting may be run at several epoch counts
     if args.table:
         print(table(list(done.values())))
         return 0
@@ -178,7 +188,7 @@ def main(argv=None) -> int:
         dense_state = load_file(state_path)
     for name in names:
         method, init, overrides = SETTINGS[name]
-        if name in done:
+        if (name, epochs) in done:
             continue
         if init and dense_state is None:
             print(f"skip {name}: no dense run yet", file=sys.stderr)
@@ -188,7 +198,7 @@ def main(argv=None) -> int:
                                  base, epochs)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
-        done[name] = row
+        done[(name, epochs)] = row
         if method == "dense" and (args.dense_from in (None, name)):
             best_dense = max((r for r in done.values() if r["method"] == "dense"),
                              key=lambda r: r["rsum"]["dense"])

@@ -99,6 +99,9 @@ class OptimConfig(_Strict):
     method_lr: dict[Literal["dense", "d2s", "joint"], float] = Field(
         default_factory=lambda: {"joint": 5e-4},
         description="Per-method learning rate; overrides optim.lr (joint: 5e-4, docs/sweep.md).")
+    sparse_head_lr: float | None = Field(
+        None, gt=0.0, le=1.0, description="joint: lr of the sparse head (its own AdamW param group, "
+        "same warm-up/decay as the projections and tau); default: the method's lr (docs/sweep.md).")
     weight_decay: float = Field(0.05, ge=0.0, le=1.0)
     warmup_fraction: float = Field(0.2, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, gt=0.0)

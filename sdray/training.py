@@ -389,7 +389,19 @@ class Trainer:
                           if use_ec else None)
         self.generator = torch.Generator().manual_seed(cfg.optim.seed * 1000 + rank)
         self.base_lr = effective_lr(cfg)
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.base_lr,
+        # joint: the sparse head may have its own lr (optim.sparse_head_lr); one group when the
+        # two agree, so checkpoints of single-group runs still load
+        sparse_lr = cfg.optim.sparse_head_lr
+        sparse_lr = self.base_lr if sparse_lr is None else float(sparse_lr)
+        split = self.method == "joint" and sparse_lr != self.base_lr
+        if split:
+            sparse_ids = {id(p) for p in self.heads.sparse.parameters()}
+            groups = [{"params": [p for p in self.params if id(p) not in sparse_ids], "lr": self.base_lr},
+                      {"params": [p for p in self.params if id(p) in sparse_ids], "lr": sparse_lr}]
+        else:
+            groups = [{"params": self.params, "lr": self.base_lr}]
+        self.group_base_lrs = [g["lr"] for g in groups]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr,
                                            weight_decay=cfg.optim.weight_decay)
         self.amp = bool(cfg.optim.amp and self.device.type == "cuda")
         self.fast = fast_kernels
@@ -507,8 +519,9 @@ class Trainer:
         """One optimisation step on this rank's ``batch``; returns logs averaged over ranks."""
         batch = batch.to(self.device)
         lr = self.current_lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(self.step, self.total_steps, self.cfg.optim.warmup_fraction)
+        for group, base in zip(self.optimizer.param_groups, self.group_base_lrs):
+            group["lr"] = base * factor
         self.optimizer.zero_grad(set_to_none=True)
         loss, logs = self.compute_loss(batch)
         self.scaler.scale(loss).backward()
@@ -521,6 +534,8 @@ class Trainer:
         self.step += 1
         out = {k: float(v) for k, v in logs.items()}
         out.update(lr=lr, grad_norm=float(grad_norm), step=self.step)
+        if len(self.group_base_lrs) > 1:
+            out["lr_sparse"] = self.group_base_lrs[1] * factor
         if self.expansion is not None:
             out["expansion_p"] = self.expansion.probability(self.step - 1)
         return out
@@ -543,7 +558,8 @@ class Trainer:
             "scheduler": {"type": "linear_warmup_decay", "step": self.step,
                           "total_steps": self.total_steps,
                           "warmup_fraction": self.cfg.optim.warmup_fraction,
-                          "base_lr": self.base_lr, "lr": self.current_lr()},
+                          "base_lr": self.base_lr, "group_base_lrs": list(self.group_base_lrs),
+                          "lr": self.current_lr()},
             "regularizer": self._regularizer_state(),
             "expansion_control": None if self.expansion is None else {
                 "p": self.expansion.probability(self.step), "total_steps": self.total_steps,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -134,6 +135,7 @@ class QueryEncoder:
             self._batch_hist = None
 
     def reconfigure(self, cfg: dict) -> None:
+        torch.set_num_threads(int(cfg.get("torch_threads") or os.cpu_count() or 1))
         for method in (self.encode_text, self.encode_image):
             if "max_batch_size" in cfg:
                 method.set_max_batch_size(int(cfg["max_batch_size"]))

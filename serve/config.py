@@ -67,6 +67,9 @@ class BatchKnobs(_Strict):
 
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=10)
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads of the encoder's forward pass; default: the "
+        "node's cores (Ray would otherwise pin a 0-CPU replica to one thread).")
 
 
 class ServeConfig(_Strict):

@@ -108,6 +108,55 @@ def test_trainable_parameters_per_method():
                 assert not changed, (method, n)
 
 
+def test_sparse_head_gets_its_own_lr():
+    cfg = cfg_for("joint", expansion_control=True)
+    cfg.optim.warmup_fraction = 0.5
+    cfg.optim.sparse_head_lr = 4e-2
+    t = Trainer(cfg, make_heads(), total_steps=4)
+    dense_group, sparse_group = t.optimizer.param_groups
+    sparse_ids = {id(p) for p in t.heads.sparse.parameters()}
+    assert {id(p) for p in sparse_group["params"]} == sparse_ids
+    assert not sparse_ids & {id(p) for p in dense_group["params"]}
+    assert len(dense_group["params"]) + len(sparse_group["params"]) == len(t.params)
+    for step in range(4):
+        factor = lr_factor(step, 4, 0.5)
+        logs = t.train_step(make_batch(8, seed=step))
+        assert dense_group["lr"] == pytest.approx(1e-2 * factor)
+        assert sparse_group["lr"] == pytest.approx(4e-2 * factor)
+        assert logs["lr"] == pytest.approx(1e-2 * factor)
+        assert logs["lr_sparse"] == pytest.approx(4e-2 * factor)
+    # unset (or equal to the method's lr): one group, as before
+    for value in (None, 1e-2):
+        cfg.optim.sparse_head_lr = value
+        assert len(Trainer(cfg, make_heads(), total_steps=4).optimizer.param_groups) == 1
+    # dense and d2s train one kind of parameter: one group at the method's lr
+    for method in ("dense", "d2s"):
+        c = cfg_for(method)
+        c.optim.sparse_head_lr = 4e-2
+        groups = Trainer(c, make_heads(), total_steps=4).optimizer.param_groups
+        assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(1e-2)
+
+
+def test_checkpoint_roundtrip_with_sparse_head_lr(tmp_path):
+    cfg = cfg_for("joint", expansion_control=True)
+    cfg.optim.sparse_head_lr = 3e-2
+    batches = [make_batch(8, seed=s) for s in range(4)]
+    ref = Trainer(cfg, make_heads(), total_steps=4)
+    for b in batches:
+        ref.train_step(b)
+    a = Trainer(cfg, make_heads(), total_steps=4)
+    for b in batches[:2]:
+        a.train_step(b)
+    save_checkpoint(str(tmp_path / "ck"), a, {"epoch": 0, "batch": 2})
+    b2 = Trainer(cfg, make_heads(seed=9), total_steps=4)
+    load_checkpoint(str(tmp_path / "ck"), b2)
+    assert len(b2.optimizer.param_groups) == 2
+    for b in batches[2:]:
+        b2.train_step(b)
+    for (n, p), (_, q) in zip(ref.heads.named_parameters(), b2.heads.named_parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
 def test_expansion_control_masks_captions_to_their_tokens():
     cfg = cfg_for("d2s", d2s_expansion_control=True)
     t = Trainer(cfg, make_heads(), total_steps=100, special_token_ids=())
