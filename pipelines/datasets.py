@@ -24,6 +24,7 @@ import random
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from sdray import storage
 from sdray.config import DataConfig
@@ -256,9 +257,17 @@ def read_features(uri: str):
 
 
 def is_feature_dir(uri: str) -> bool:
-    """True if ``uri`` holds featurize output (a ``manifest.json`` naming feature dims)."""
+    """True if ``uri`` holds feature shards: featurize output (a ``manifest.json`` naming feature
+    dims), or one split of it (Parquet files with an ``image_features`` column)."""
     try:
         m = storage.read_json(storage.join(uri, "manifest.json"))
+        if isinstance(m, dict) and "image_dim" in m and "text_dim" in m:
+            return True
     except Exception:
+        pass
+    files = storage.list_files(uri, (".parquet",))
+    if not files:
         return False
-    return isinstance(m, dict) and "image_dim" in m and "text_dim" in m
+    fs, _ = storage.pyarrow_filesystem(uri)
+    path = files[0][len("s3://"):] if files[0].startswith("s3://") else files[0]
+    return "image_features" in pq.read_schema(path, filesystem=fs).names

@@ -14,26 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.datasets import is_feature_dir
 from sdray import storage
-
-
-def is_feature_split(uri: str) -> bool:
-    """True when ``uri`` holds feature shards (a featurize manifest, or Parquet with features)."""
-    try:
-        from pipelines.datasets import is_feature_dir
-
-        if is_feature_dir(uri):
-            return True
-    except ImportError:  # pragma: no cover - datasets module always ships
-        pass
-    files = storage.list_files(uri, (".parquet",))
-    if not files:
-        return False
-    import pyarrow.parquet as pq
-
-    fs, _ = storage.pyarrow_filesystem(uri)
-    path = files[0][len("s3://"):] if files[0].startswith("s3://") else files[0]
-    return "text_features" in pq.read_schema(path, filesystem=fs).names
 
 
 def _fixed_list(col, dtype=np.float32) -> np.ndarray:
@@ -102,7 +84,7 @@ def features_from_raw(uri: str, model, batch_size: int = 64) -> dict[str, Any]:
 
 def load_split(uri: str, model=None) -> dict[str, Any]:
     """Feature columns of a split: feature shards directly, raw shards through the backbone."""
-    if is_feature_split(uri):
+    if is_feature_dir(uri):
         return read_feature_columns(uri)
     if model is None:
         raise ValueError(f"{uri} holds raw image-text shards; a model (backbone) is needed")

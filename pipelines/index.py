@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.datasets import is_feature_dir
 from sdray import storage
 
 SIDES = ("images", "captions")
@@ -47,22 +48,6 @@ def caption_id(caption: str) -> str:
 
 
 # ----------------------------------------------------------------------------- corpus kind
-
-def is_feature_corpus(uri: str) -> bool:
-    """True when ``uri`` holds feature shards (featurize manifest, or Parquet with features)."""
-    from pipelines.datasets import is_feature_dir
-
-    if is_feature_dir(uri):
-        return True
-    files = storage.list_files(uri, (".parquet",))
-    if not files:
-        return False
-    import pyarrow.parquet as pq
-
-    fs, _ = storage.pyarrow_filesystem(uri)
-    path = files[0][len("s3://"):] if files[0].startswith("s3://") else files[0]
-    return "image_features" in pq.read_schema(path, filesystem=fs).names
-
 
 def feature_sources(uri: str) -> dict[str, str]:
     """Raw shard URI by shard name, from a featurize manifest (``{}`` when unknown/ambiguous)."""
@@ -301,7 +286,7 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: An
     vocab = list(model.vocabulary)
     dense_dim = int(model.heads.text_proj.linear.out_features)
     fusion = fusion_params(model.config, model.tau)
-    features = is_feature_corpus(corpus)
+    features = is_feature_dir(corpus)
     log(f"corpus {corpus}: {'feature' if features else 'raw image-text'} shards; model {model_uri}")
 
     ensure_ray()

@@ -26,7 +26,7 @@ import tempfile
 from typing import Any
 
 from sdray import storage
-from sdray.index.shard import SHARD_JSON, IndexFileError, sha256
+from sdray.index.shard import SHARD_JSON, IndexFileError, read_index_json, sha256
 
 POINTER = "CURRENT.json"
 BUILDING = "_building.json"
@@ -159,7 +159,7 @@ def current_version(out: str) -> str | None:
     uri = storage.join(out, POINTER)
     if not storage.exists(uri):
         return None
-    return _read_json(uri)["version"]
+    return read_index_json(uri)["version"]
 
 
 def load_manifest(out: str, version: str | None = None) -> dict:
@@ -169,9 +169,9 @@ def load_manifest(out: str, version: str | None = None) -> dict:
     if version is None:
         if not storage.exists(pointer_uri):
             if storage.exists(storage.join(out, MANIFEST)):  # a version folder given directly
-                return _read_json(storage.join(out, MANIFEST))
+                return read_index_json(storage.join(out, MANIFEST))
             raise IndexFileError(f"{pointer_uri}: no published index here (missing pointer)")
-        pointer = _read_json(pointer_uri)
+        pointer = read_index_json(pointer_uri)
         version, expected_sha = pointer.get("version"), pointer.get("manifest_sha256")
         if not version:
             raise IndexFileError(f"{pointer_uri}: corrupted pointer (no version)")
@@ -198,14 +198,3 @@ def index_root(uri: str) -> tuple[str, str | None]:
         base = str(uri).rstrip("/")
         return base.rsplit("/", 1)[0], base.rsplit("/", 1)[1]
     return uri, None
-
-
-def _read_json(uri: str) -> Any:
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError as err:
-        raise IndexFileError(f"{uri}: missing") from err
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise IndexFileError(f"{uri}: corrupted JSON ({err})") from err

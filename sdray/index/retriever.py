@@ -29,7 +29,7 @@ from sdray import storage
 from sdray.index import manifest as mf
 from sdray.index.config import IndexConfig
 from sdray.index.csr import CSR, to_csr
-from sdray.index.shard import SIDES, IndexFileError, Shard
+from sdray.index.shard import SIDES, IndexFileError, Shard, read_index_json
 
 MODES = ("dense", "sparse", "hybrid")
 
@@ -141,7 +141,7 @@ class Retriever:
             ids[side].append(i)
         vocab = None
         if manifest.get("vocab"):
-            vocab = mf._read_json(storage.join(out, version, manifest["vocab"]))
+            vocab = read_index_json(storage.join(out, version, manifest["vocab"]))
         return cls(by_side, cfg, manifest.get("fusion") or None, vocab, manifest, ids)
 
     # ---- searching ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ No pickle anywhere: ``.npy`` is read with ``allow_pickle=False``.
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import os
 import tempfile
@@ -216,7 +217,7 @@ class Shard:
         verify = config.verify_checksums if verify is None else verify
         if expected is None:
             info_uri = storage.join(uri, SHARD_JSON)
-            expected = _read_json_file(info_uri)
+            expected = read_index_json(info_uri)
         files = expected.get("files", {})
 
         def read(fname: str) -> bytes:
@@ -266,9 +267,8 @@ class Shard:
         return cls(dense, sparse, docs, meta, doc_no, config, name)
 
 
-def _read_json_file(uri: str) -> dict:
-    import json
-
+def read_index_json(uri: str) -> Any:
+    """JSON metadata of an index; :class:`IndexFileError` names a missing or corrupted file."""
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError as err:
