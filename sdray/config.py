@@ -129,7 +129,9 @@ class FusionConfig(_Strict):
 
     method: Literal["raw", "calibrated", "rrf"] = "calibrated"
     normalize: Literal["zscore"] | None = Field(
-        "zscore", description="calibrated only: per-query z-scores of both scores (docs/sweep.md).")
+        None, description="calibrated only: per-query z-scores of both scores. Best hybrid in "
+        "docs/sweep.md, but not the default: over an index it depends on the candidate depth and "
+        "did not reproduce brute-force evaluation (see docs/sweep.md).")
     w1: float | None = Field(None, ge=0.0, description="Default: loss.w1.")
     w2: float | None = Field(None, ge=0.0, description="Default: loss.w2.")
     rrf_k: float = Field(60.0, gt=0.0)

@@ -380,7 +380,9 @@ class Ingress:
             self.vocab = vocab
         mfusion = manifest.get("fusion") or {}
         self.fusion_defaults.update({k: v for k, v in mfusion.items()
-                                     if k in ("method", "w1", "w2", "tau", "normalize") and v is not None})
+                                     if k in ("method", "w1", "w2", "tau") and v is not None})
+        if mfusion:  # the index's fusion is authoritative, normalisation (or none) included
+            self.fusion_defaults["normalize"] = mfusion.get("normalize")
         if "k_rrf" in mfusion:
             self.fusion_defaults["rrf_k"] = mfusion["k_rrf"]
         self.manifest, self.model_uri, self.version = manifest, model_uri, version
@@ -439,9 +441,11 @@ class Ingress:
             val = getattr(f, key)
             if val is not None:
                 d[key] = val
-        return Fusion(method=d.get("method", "calibrated"), w1=float(d.get("w1", 1.0)),
+        method = d.get("method", "calibrated")
+        return Fusion(method=method, w1=float(d.get("w1", 1.0)),
                       w2=float(d.get("w2", 1.0)), tau=float(d.get("tau", 0.07)),
-                      rrf_k=float(d.get("rrf_k", 60.0)), normalize=d.get("normalize"))
+                      rrf_k=float(d.get("rrf_k", 60.0)),
+                      normalize=d.get("normalize") if method == "calibrated" else None)
 
     def _term(self, term_id: int) -> str:
         v = self.vocab

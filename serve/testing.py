@@ -51,6 +51,7 @@ def build_demo_index(workdir: str, n_images: int = 16, shards: int = 2, seed: in
     """
     from sdray.data.formats import tar_shard_bytes
     from sdray.data.synth import generate_samples
+    from sdray.evaluation import fusion_params
     from sdray.index import IndexConfig, ShardData, build_index
     from PIL import Image
 
@@ -82,11 +83,10 @@ def build_demo_index(workdir: str, n_images: int = 16, shards: int = 2, seed: in
                               image_ids=[caps[c][0] for c in captions], captions=captions,
                               uris=[caps[c][1] for c in captions], vocab_size=len(vocab)),
     }
-    w1, w2 = model.config.fusion_weights()
     index = storage.join(workdir, "index")
     version = build_index(index, sides, n_shards=shards, config=IndexConfig(),
                           model=model_uri, vocabulary=vocab,
-                          fusion={"method": "calibrated", "w1": w1, "w2": w2, "tau": model.tau},
+                          fusion=fusion_params(model.config, model.tau),
                           inputs={"start": start, "n": n_images, "seed": seed, "shards": shards,
                                   "nonce": os.urandom(4).hex()})
     return DemoIndex(index, model_uri, corpus, version, image_ids, captions)
