@@ -321,9 +321,9 @@ def resolve_config(args: argparse.Namespace):
 
 
 def _detect_mode(uri: str) -> str:
-    from pipelines.evaluate import is_feature_split
+    from pipelines.datasets import is_feature_dir
 
-    return "features" if is_feature_split(uri) else "raw"
+    return "features" if is_feature_dir(uri) else "raw"
 
 
 def _dataset(uri: str, mode: str, cfg, seed: int):
