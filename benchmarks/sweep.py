@@ -73,6 +73,13 @@ SETTINGS: dict[str, tuple[str, str | None, dict]] = {
     "joint-reg5e-5-ec-l2-lr5e-4-sh2e-3": ("joint", "dense", {
         **OFFICIAL, "optim.lr": 5e-4, "optim.sparse_head_lr": 2e-3, "loss.q_reg": 5e-5,
         "loss.d_reg": 5e-5, "loss.expansion_control": True, "loss.lambda2": 0.9}),
+    # teacher sharpness: w1, w2 scale s_int (and so the KD targets of both students)
+    **{f"joint-reg{reg:.0e}-ec-l2-lr5e-4-w{w1:g}-{w2:g}".replace("e-0", "e-"): (
+        "joint", "dense", {**OFFICIAL, "optim.lr": 5e-4, "loss.q_reg": reg, "loss.d_reg": reg,
+                           "loss.expansion_control": True, "loss.lambda2": 0.9, "loss.w1": w1,
+                           "loss.w2": w2})
+       for w1, w2, reg in ((1.0, 0.1, 2e-4), (1.0, 1.0, 2e-4), (0.5, 0.5, 2e-4), (1.0, 0.3, 2e-4),
+                           (1.0, 0.1, 5e-4), (1.0, 0.1, 1e-3))},
     "joint-flops-ec": ("joint", "dense", {**OFFICIAL, "loss.regularizer": "flops", "loss.q_reg": 5e-2,
                                           "loss.d_reg": 5e-2, "loss.expansion_control": True}),
 }
@@ -198,6 +205,7 @@ def main(argv=None) -> int:
                                  base, epochs)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
+        save_file(state, f"{args.out}.{name}.e{epochs}.safetensors")  # for re-evaluating fusions
         done[(name, epochs)] = row
         if method == "dense" and (args.dense_from in (None, name)):
             best_dense = max((r for r in done.values() if r["method"] == "dense"),

@@ -22,7 +22,7 @@ import torch
 
 from sdray.fusion import fuse
 from sdray.heads import RetrieverHeads, prune_topk
-from sdray.metrics import flops, mean_nnz, relevance_from_pairs, retrieval_metrics
+from sdray.metrics import flops, mean_nnz, ranking_metrics, relevance_from_pairs, retrieval_metrics
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -129,6 +129,21 @@ def fusion_params(cfg, tau: float) -> dict[str, Any]:
     return params
 
 
+def fused_metrics(dense: torch.Tensor, sparse: torch.Tensor, relevant: Any,
+                  fusion: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Hybrid metrics of both directions from ``dense``/``sparse (n_images, n_texts)`` scores.
+
+    Each direction fuses with the *queries as rows* (text→image on the transposed matrices), so
+    per-query fusions (z-scores, RRF ranks) normalise over one query's candidates — what an
+    index search does — and never over the other side's.
+    """
+    params = dict(fusion)
+    method = params.pop("method")
+    i2t = fuse(dense, sparse, method, **params)
+    t2i = fuse(dense.T, sparse.T, method, **params)
+    return {"t2i": ranking_metrics(t2i, relevant.T), "i2t": ranking_metrics(i2t, relevant)}
+
+
 def evaluate_encoded(img_dense: torch.Tensor, img_sparse: torch.Tensor, txt_dense: torch.Tensor,
                      txt_sparse: torch.Tensor, relevant: np.ndarray, fusion: dict[str, Any],
                      extra_fusions: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -139,18 +154,15 @@ def evaluate_encoded(img_dense: torch.Tensor, img_sparse: torch.Tensor, txt_dens
     """
     dense = (img_dense @ txt_dense.T).double()
     sparse = sparse_scores(img_sparse, txt_sparse).double()
-    scores = {"dense": dense, "sparse": sparse}
-    fparams = dict(fusion)
-    method = fparams.pop("method")
-    scores["hybrid"] = fuse(dense, sparse, method, **fparams)
-    for name, fp in (extra_fusions or {}).items():
-        fp = dict(fp)
-        scores[f"hybrid_{name}"] = fuse(dense, sparse, fp.pop("method"), **fp)
     result: dict[str, Any] = {"t2i": {}, "i2t": {}}
-    for rep, s in scores.items():
+    for rep, s in (("dense", dense), ("sparse", sparse)):
         m = retrieval_metrics(s, relevant)
         for d in DIRECTIONS:
             result[d][rep] = m[d]
+    fusions = {"hybrid": fusion, **{f"hybrid_{name}": fp for name, fp in (extra_fusions or {}).items()}}
+    for rep, fp in fusions.items():
+        for d, m in fused_metrics(dense, sparse, relevant, fp).items():
+            result[d][rep] = m
     result["sparsity"] = {"text_nnz": mean_nnz(txt_sparse), "image_nnz": mean_nnz(img_sparse),
                           "flops": flops(txt_sparse, img_sparse)}
     result["n_texts"] = int(txt_dense.shape[0])

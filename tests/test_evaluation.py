@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from sdray.config import from_dict
-from sdray.evaluation import dedupe, encode, evaluate_features, format_table, rsum, sparse_scores
+from sdray.evaluation import dedupe, encode, evaluate_features, format_table, fused_metrics, rsum, sparse_scores
 from sdray.heads import RetrieverHeads
-from sdray.metrics import retrieval_metrics
+from sdray.metrics import ranking_metrics, retrieval_metrics
 
 HT, HI, D, V = 10, 14, 8, 40
 
@@ -74,3 +74,33 @@ def test_evaluate_features_shape_and_values():
     assert 0 <= rsum(res, "hybrid") <= 6
     table = format_table(res)
     assert "t2i" in table and "hybrid_rrf" in table and "nnz" in table
+
+
+@pytest.mark.parametrize("fusion", [{"method": "calibrated", "w1": 1.0, "w2": 0.5, "tau": 0.1, "normalize": "zscore"},
+                                    {"method": "rrf", "k_rrf": 2.0}])
+def test_per_query_fusion_normalises_over_each_querys_candidates(fusion):
+    """Text→image z-scores/RRF ranks are taken over the images for one caption (as an index
+    search does), not over the captions for one image."""
+    rng = np.random.default_rng(3)
+    n_i, n_t = 7, 9
+    # sparse scores on very different scales per image row, so the two axes disagree
+    dense = torch.as_tensor(rng.normal(size=(n_i, n_t)))
+    sparse = torch.as_tensor(rng.gamma(1.0, size=(n_i, n_t)) * rng.uniform(1, 50, size=(n_i, 1)))
+    rel = np.zeros((n_i, n_t), bool)
+    rel[rng.integers(0, n_i, n_t), np.arange(n_t)] = True
+
+    def per_query(d, s):  # one query at a time, items = the other side
+        if fusion["method"] == "rrf":
+            rank = lambda x: 1 + (x[None, :] > x[:, None]).sum(1)
+            return 1 / (fusion["k_rrf"] + rank(d)) + 1 / (fusion["k_rrf"] + rank(s))
+        z = lambda x: (x - x.mean()) / x.std()
+        return fusion["w1"] * z(d) + fusion["w2"] * z(s)
+
+    t2i = torch.stack([torch.as_tensor(per_query(dense[:, j].numpy(), sparse[:, j].numpy())) for j in range(n_t)])
+    i2t = torch.stack([torch.as_tensor(per_query(dense[i].numpy(), sparse[i].numpy())) for i in range(n_i)])
+    got = fused_metrics(dense, sparse, rel, fusion)
+    assert got["t2i"] == pytest.approx(ranking_metrics(t2i, rel.T))
+    assert got["i2t"] == pytest.approx(ranking_metrics(i2t, rel))
+    wrong_axis = ranking_metrics(torch.stack([torch.as_tensor(per_query(dense[i].numpy(), sparse[i].numpy()))
+                                              for i in range(n_i)]).T, rel.T)
+    assert got["t2i"] != pytest.approx(wrong_axis)
