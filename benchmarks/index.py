@@ -1,4 +1,4 @@
-"""Index benchmark: sdray shards (exact sparse, Seismic, FAISS Flat/IVF, hybrid) vs Milvus Lite.
+"""Index benchmark: sdray shards (exact sparse, Seismic, FAISS Flat/IVF, hybrid) vs Milvus Lite and PISA.
 
 Synthetic vectors shaped like a trained model's (sdray.index.synthetic: 256-d clustered dense,
 30-80 distinct Zipf-like terms per document out of 30,522, queries are noisy document views).
@@ -12,6 +12,11 @@ Latency = one query at a time (batch 1), p50/p99 over the query set.
 Milvus Lite (pip: milvus-lite, pymilvus) is what a Python user embeds; its 3.x engine is written
 in Python. Its WeightedRanker normalises scores by default (arctan), so its hybrid recall is
 reported against the same exact weighted sum.
+
+PISA (pip: pyterrier-pisa; Mallia et al., "PISA: Performant Indexes and Search for Academia",
+OSIRRC 2019) is a C++ block-max WAND engine; sparse part only. Weights become integer impacts
+round(w * --pisa-scale) for documents and queries alike, scored by PISA's "quantized" scorer (a dot
+product of the integer vectors), so its recall is lost only to that rounding. No JVM is needed.
 """
 
 from __future__ import annotations
@@ -165,6 +170,14 @@ def run(args):
         except Exception as err:  # keep the sdray numbers
             print(f"milvus failed: {err!r}", file=sys.stderr)
             info["milvus_error"] = repr(err)
+
+    # ---- PISA ---------------------------------------------------------------------------------
+    if not args.no_pisa:
+        try:
+            pisa_rows(args, syn, q_rows, gt_sparse, add)
+        except Exception as err:  # keep the other numbers
+            print(f"pisa failed: {err!r}", file=sys.stderr)
+            info["pisa_error"] = repr(err)
     return info, rows
 
 
@@ -219,6 +232,99 @@ def milvus_rows(args, syn, q_rows, gt_dense, gt_sparse, gt_hybrid, add):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _toks(indices, values, scale):
+    """Term -> integer impact round(w * scale) as PISA's pre-tokenised input; zero impacts dropped."""
+    q = np.rint(values * scale)
+    return {f"t{t}": float(v) for t, v in zip(indices.tolist(), q.tolist()) if v > 0}
+
+
+def pisa_rows(args, syn, q_rows, gt_sparse, add):
+    """PISA (Mallia et al., OSIRRC 2019) through pyterrier-pisa: toks_indexer + "quantized" scorer + block_max_wand.
+
+    Two latency rows: the PyTerrier transformer (a one-row DataFrame per query, what a user calls)
+    and the engine call under it (pyterrier_pisa._pisathon.retrieve, no pandas).
+    """
+    import pandas as pd
+    from pyterrier_pisa import PisaIndex, _pisathon
+
+    n, k, scale, sp = len(syn.sparse), args.k, float(args.pisa_scale), syn.sparse
+    tmp = tempfile.mkdtemp(prefix="pisa-bench-")
+    try:
+        path = os.path.join(tmp, "pisa")
+        t = time.time()
+        docs = ({"docno": str(i), "toks": _toks(*sp.row(i), scale)} for i in range(n))
+        idx = PisaIndex(path, stemmer="none", stops="none", threads=1)
+        idx.toks_indexer(scale=1.0).index(docs)
+        retr = idx.quantized(num_results=k, threads=1, query_algorithm="block_max_wand", toks_scale=1.0)  # compresses + block maxima
+        build = time.time() - t
+        files = {f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)}
+        inv = sum(v for f, v in files.items() if f.startswith("inv."))  # uncompressed postings, not searched
+        search_bytes = sum(files.values()) - inv
+        post, bmw = (sum(v for f, v in files.items() if f.endswith(e)) for e in (f".{idx.index_encoding.value}", ".bmw.64"))
+        qs = [_toks(q.indices, q.values, scale) for q in q_rows]
+        frames = [pd.DataFrame([{"qid": "q", "query_toks": q}]) for q in qs]
+        tm, res = timed(lambda f: retr(f)["docno"].astype(int).tolist(), frames)
+        setting = (f"block_max_wand, quantized scorer, impacts=round(w*{scale:g}), {idx.index_encoding.value}, block 64 "
+                   f"({post / n:.0f} B/doc postings + {bmw / n:.0f} block maxima + lexicons); build = Python inversion + compress, 1 thread; "
+                   f"+{inv / n:.0f} B/doc uncompressed inv.*")
+        add("PISA (pyterrier-pisa)", "sparse", 1, build, search_bytes, tm, recall(res, gt_sparse), setting + "; PyTerrier transformer")
+
+        out = (np.empty(k, np.int32), np.empty(k, object), np.empty(k, np.int32), np.empty(k, np.float32))
+
+        def engine(q):
+            m = _pisathon.retrieve(retr._ctxt, "block_max_wand", [(0, q)], k=k, threads=1, query_weighted=1, pretokenised=True,
+                                   result_qidxs=out[0], result_docnos=out[1], result_ranks=out[2], result_scores=out[3])
+            return [int(d) for d in out[1][:m]]
+
+        tm, res = timed(engine, qs)
+        add("PISA (pyterrier-pisa)", "sparse", 1, None, search_bytes, tm, recall(res, gt_sparse), "engine call (_pisathon.retrieve), no pandas")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fmt(x, d=2):
+    return "" if x is None else (f"{x:,.{d}f}" if isinstance(x, float) else str(x))
+
+
+def markdown(rows) -> str:
+    lines = ["| system | part | threads | build docs/s | bytes/doc | p50 ms | p99 ms | recall@10 | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['system']} | {r['part']} | {r['threads']} | {_fmt(r['build_docs_per_s'], 0)} | "
+                     f"{_fmt(r['bytes_per_doc'], 0)} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | "
+                     f"{_fmt(r['recall@10'], 3)} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def _fastest(rows, system, part, min_recall=0.0):
+    """The lowest-p50 row of one peer system and part (at ``min_recall`` or above), or None."""
+    ok = [r for r in rows if r["system"] == system and r["part"] == part and r["p50_ms"] is not None
+          and r["recall@10"] >= min_recall]
+    return min(ok, key=lambda r: r["p50_ms"], default=None)
+
+
+def ratios(rows, min_recall=0.95) -> str:
+    """Side-by-side ratios: each peer's fastest p50 (at recall@10 >= ``min_recall``) over sdray's."""
+    peers = sorted({r["system"] for r in rows if not r["system"].startswith("sdray")})
+    lines = [f"\nRatios: peer p50 / sdray p50 (> 1: sdray faster); fastest row of each at recall@10 >= {min_recall}",
+             "| part | sdray row | sdray p50 ms | " + " | ".join(f"{p} p50 ms | ratio" for p in peers) + " |",
+             "|---|---|---|" + "---|---|" * len(peers)]
+    for part in ("sparse", "dense", "hybrid"):
+        mine = sorted({r["system"] for r in rows if r["system"].startswith("sdray") and r["part"] == part})
+        for system in mine:
+            best = _fastest(rows, system, part, min_recall)
+            if best is None:
+                continue
+            cells = []
+            for peer in peers:
+                other = _fastest(rows, peer, part, min_recall)
+                cells.append("|" if other is None else
+                             f"{other['p50_ms']:.2f} | {other['p50_ms'] / best['p50_ms']:.1f}×")
+            lines.append(f"| {part} | {system} ({best['threads']} thr, {best['note'].split(';')[0]}) | "
+                         f"{best['p50_ms']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100_000)
@@ -233,15 +339,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-milvus", action="store_true")
     p.add_argument("--milvus-queries", type=int, default=20, help="Milvus Lite takes seconds per query")
     p.add_argument("--milvus-kprime", type=int, nargs="+", default=[100])
+    p.add_argument("--no-pisa", action="store_true")
+    p.add_argument("--pisa-scale", type=float, default=100.0, help="PISA integer impact = round(weight * scale)")
     p.add_argument("--json", help="write {info, rows} here")
     args = p.parse_args(argv)
     info, rows = run(args)
-    print("\n| system | part | threads | build docs/s | bytes/doc | p50 ms | p99 ms | recall@10 | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    f = lambda x, d=2: "" if x is None else (f"{x:,.{d}f}" if isinstance(x, float) else str(x))  # noqa: E731
-    for r in rows:
-        print(f"| {r['system']} | {r['part']} | {r['threads']} | {f(r['build_docs_per_s'], 0)} | {f(r['bytes_per_doc'], 0)} | "
-              f"{f(r['p50_ms'])} | {f(r['p99_ms'])} | {f(r['recall@10'], 3)} | {r['note']} |")
+    print(markdown(rows))
+    print(ratios(rows))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

@@ -74,12 +74,23 @@ SETTINGS: dict[str, tuple[str, str | None, dict]] = {
         **OFFICIAL, "optim.lr": 5e-4, "optim.sparse_head_lr": 2e-3, "loss.q_reg": 5e-5,
         "loss.d_reg": 5e-5, "loss.expansion_control": True, "loss.lambda2": 0.9}),
     # teacher sharpness: w1, w2 scale s_int (and so the KD targets of both students)
-    **{f"joint-reg{reg:.0e}-ec-l2-lr5e-4-w{w1:g}-{w2:g}".replace("e-0", "e-"): (
+    **{f"joint-reg{reg:.0e}-ec-l2-lr5e-4-w{w1:g}-{w2:g}{'' if l2 == 0.9 else f'-lam{l2:g}'}".replace("e-0", "e-"): (
         "joint", "dense", {**OFFICIAL, "optim.lr": 5e-4, "loss.q_reg": reg, "loss.d_reg": reg,
-                           "loss.expansion_control": True, "loss.lambda2": 0.9, "loss.w1": w1,
+                           "loss.expansion_control": True, "loss.lambda2": l2, "loss.w1": w1,
                            "loss.w2": w2})
-       for w1, w2, reg in ((1.0, 0.1, 2e-4), (1.0, 1.0, 2e-4), (0.5, 0.5, 2e-4), (1.0, 0.3, 2e-4),
-                           (1.0, 0.1, 5e-4), (1.0, 0.1, 1e-3))},
+       for w1, w2, reg, l2 in ((1.0, 0.1, 2e-4, 0.9), (1.0, 1.0, 2e-4, 0.9), (0.5, 0.5, 2e-4, 0.9),
+                               (1.0, 0.3, 2e-4, 0.9), (1.0, 0.1, 5e-4, 0.9), (1.0, 0.1, 1e-3, 0.9),
+                               (0.5, 0.1, 1e-3, 0.9), (1.0, 0.3, 1e-3, 0.9), (1.0, 0.1, 1e-3, 2.0),
+                               (1.0, 0.1, 2e-3, 2.0), (0.5, 0.1, 1e-3, 2.0), (1.0, 0.1, 1e-3, 4.0),
+                               (0.5, 0.1, 2e-3, 4.0))},
+    # expansion control: off, or ending at half of training instead of 95%
+    **{f"joint-reg{reg:.0e}-noec-l2-lr5e-4-w1-0.1{'' if l2 == 0.9 else f'-lam{l2:g}'}".replace("e-0", "e-"): (
+        "joint", "dense", {**OFFICIAL, "optim.lr": 5e-4, "loss.q_reg": reg, "loss.d_reg": reg,
+                           "loss.expansion_control": False, "loss.lambda2": l2, "loss.w1": 1.0, "loss.w2": 0.1})
+       for reg, l2 in ((1e-3, 0.9), (3e-3, 0.9), (3e-3, 2.0), (5e-3, 2.0), (5e-3, 0.9))},
+    "joint-reg1e-3-ec0.5-l2-lr5e-4-w1-0.1": ("joint", "dense", {
+        **OFFICIAL, "optim.lr": 5e-4, "loss.q_reg": 1e-3, "loss.d_reg": 1e-3, "loss.expansion_control": True,
+        "loss.expansion_end_fraction": 0.5, "loss.lambda2": 0.9, "loss.w1": 1.0, "loss.w2": 0.1}),
     "joint-flops-ec": ("joint", "dense", {**OFFICIAL, "loss.regularizer": "flops", "loss.q_reg": 5e-2,
                                           "loss.d_reg": 5e-2, "loss.expansion_control": True}),
 }

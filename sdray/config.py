@@ -73,19 +73,21 @@ class LossConfig(_Strict):
     """Training objective (DESIGN.md §1): ``joint``, or the baselines ``dense`` and ``d2s``."""
 
     method: Literal["dense", "d2s", "joint"] = "joint"
-    w1: float = Field(0.1, ge=0.0, le=100.0, description="Dense weight in s_int.")
+    # Defaults tuned on generated data with the packaged backbone (docs/sweep.md); the official
+    # BLIP/ALBEF values live in the presets.
+    w1: float = Field(1.0, ge=0.0, le=100.0, description="Dense weight in s_int (official 0.1: "
+                      "a teacher 10x softer than s_dense; docs/sweep.md).")
     w2: float = Field(0.1, ge=0.0, le=100.0, description="Sparse weight in s_int.")
     lambda1: float = Field(0.9, ge=0.0, le=100.0, description="Weight of the dense terms.")
     lambda2: float = Field(0.9, ge=0.0, le=100.0, description="Weight of the sparse terms.")
-    # Defaults tuned on generated data with the packaged backbone (docs/sweep.md); the official
-    # BLIP/ALBEF values live in the presets.
-    q_reg: float = Field(2e-4, ge=0.0, le=10.0, description="Caption sparsity weight.")
-    d_reg: float = Field(2e-4, ge=0.0, le=10.0, description="Image sparsity weight.")
+    q_reg: float = Field(3e-3, ge=0.0, le=10.0, description="Caption sparsity weight.")
+    d_reg: float = Field(3e-3, ge=0.0, le=10.0, description="Image sparsity weight.")
     regularizer: Literal["l1", "flops"] = "l1"
     reg_warmup_fraction: float = Field(0.2, ge=0.0, le=1.0)
     detach_teacher: bool = True
     teacher_orientation: Literal["correct", "official"] = "correct"
-    expansion_control: bool = Field(True, description="Expansion control in joint (docs/sweep.md).")
+    expansion_control: bool = Field(False, description="Expansion control in joint: off, as in the "
+                                    "paper; on, captions train masked but test expanded (docs/sweep.md).")
     expansion_end_fraction: float = Field(0.95, gt=0.0, le=1.0)
     d2s_l1: float = Field(1e-3, ge=0.0, le=10.0, description="L1 weight of the d2s baseline.")
     d2s_expansion_control: bool = Field(True, description="Expansion control in d2s (as in D2S).")
@@ -129,11 +131,11 @@ class FusionConfig(_Strict):
 
     method: Literal["raw", "calibrated", "rrf"] = "calibrated"
     normalize: Literal["zscore"] | None = Field(
-        None, description="calibrated only: per-query z-scores of both scores. Best hybrid in "
-        "docs/sweep.md, but not the default: over an index it depends on the candidate depth and "
-        "did not reproduce brute-force evaluation (see docs/sweep.md).")
-    w1: float | None = Field(None, ge=0.0, description="Default: loss.w1.")
-    w2: float | None = Field(None, ge=0.0, description="Default: loss.w2.")
+        None, description="calibrated only: per-query z-scores of both scores; over an index they "
+        "are taken on the candidate set, so they depend on the candidate depth.")
+    w1: float | None = Field(1.0, ge=0.0, description="Weight of cos/τ; None: loss.w1. Default 1 "
+                             "with w2 = 1: the sum of the two trained logits (docs/sweep.md).")
+    w2: float | None = Field(1.0, ge=0.0, description="Weight of the sparse score; None: loss.w2.")
     rrf_k: float = Field(60.0, gt=0.0)
 
 
@@ -168,6 +170,7 @@ def _official(w1, w2, l1, l2, q_reg, d_reg, lr, backbone: dict) -> dict:
         "backbone": backbone,
         "loss": {"w1": w1, "w2": w2, "lambda1": l1, "lambda2": l2, "q_reg": q_reg, "d_reg": d_reg,
                  "expansion_control": False},
+        "fusion": {"w1": None, "w2": None},
         "optim": {"lr": lr, "method_lr": {}, "batch_size": 256, "weight_decay": 0.05,
                   "warmup_fraction": 0.2},
     }

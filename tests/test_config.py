@@ -62,10 +62,12 @@ def test_dotted_overrides_apply_and_skip_none():
 
 
 def test_fusion_weights_fall_back_to_the_loss_weights():
-    cfg = C.from_dict({"loss": {"w1": 0.3, "w2": 0.7}})
+    assert C.SdrayConfig().fusion_weights() == (1.0, 1.0)     # s_dense + s_sparse by default
+    cfg = C.from_dict({"loss": {"w1": 0.3, "w2": 0.7}, "fusion": {"w1": None, "w2": None}})
     assert cfg.fusion_weights() == (0.3, 0.7)
-    cfg = C.from_dict({"loss": {"w1": 0.3}, "fusion": {"w2": 2.0}})
+    cfg = C.from_dict({"loss": {"w1": 0.3}, "fusion": {"w1": None, "w2": 2.0}})
     assert cfg.fusion_weights() == (0.3, 2.0)
+    assert C.preset("blip-flickr").fusion_weights() == (0.1, 0.2)   # presets fuse with s_int's weights
 
 
 def test_unknown_preset_lists_the_choices():

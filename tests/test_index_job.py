@@ -158,3 +158,15 @@ def test_index_job_both_sides_shards_resume_and_eval(setup, capsys):
                 assert via[d][rep] == pytest.approx(brute[d][rep], abs=1e-12), (version, d, rep)
         assert via["sparsity"] == pytest.approx(brute["sparsity"])
         assert (via["n_texts"], via["n_images"]) == (brute["n_texts"], brute["n_images"])
+    # per-query fusions (z-scores, RRF ranks) equal brute force once the candidates cover each side
+    tau = float(model.heads.tau.detach())
+    per_query = {"zscore": {"method": "calibrated", "w1": 1.0, "w2": 0.3, "tau": tau, "normalize": "zscore"},
+                 "rrf": {"method": "rrf", "k_rrf": 60.0}}
+    brute = evaluate_features(model.heads, data, model.config, extra_fusions=per_query)
+    r = Retriever.load(one)
+    for name, fusion in per_query.items():
+        via = evaluate_index(r, model.heads, data, model.config, fusion=fusion,
+                             candidates=max(brute["n_texts"], brute["n_images"]))
+        for d in ("t2i", "i2t"):
+            assert via[d]["hybrid"] == pytest.approx(brute[d][f"hybrid_{name}"], abs=1e-12), (name, d)
+    r.close()
