@@ -168,6 +168,31 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fusion_grid(args) -> int:
+    """Val RSUM of one saved run under calibrated fusions (w1 = 1, several w2), z-scores and RRF."""
+    from safetensors.torch import load_file
+
+    from pipelines.evaluate import read_feature_columns
+    from sdray.model import _heads_like
+
+    torch.set_num_threads(args.threads)
+    epochs = args.epochs or config_lib.SdrayConfig().optim.epochs
+    cfg = config_lib.SdrayConfig()
+    heads = _heads_like(cfg, load_file(f"{args.out}.{args.fusion_grid}.e{epochs}.safetensors")).eval()
+    tau = float(heads.tau.detach())
+    grid = {f"calibrated w2={w2:g}": {"method": "calibrated", "w1": 1.0, "w2": w2, "tau": tau}
+            for w2 in (0.1, 0.2, 0.5, 1.0)}
+    grid.update({f"zscore w2={w2:g}": {"method": "calibrated", "w1": 1.0, "w2": w2, "tau": tau,
+                                       "normalize": "zscore"} for w2 in (0.5, 1.0)})
+    grid["rrf"] = {"method": "rrf", "k_rrf": cfg.fusion.rrf_k}
+    res = evaluate_features(heads, read_feature_columns(os.path.join(args.features, "val")), cfg, grid)
+    print(f"{args.fusion_grid} (tau {tau:.4f}): dense {100 * rsum(res, 'dense'):.1f}, "
+          f"sparse {100 * rsum(res, 'sparse'):.1f}")
+    for name in grid:
+        print(f"  {name}: {100 * rsum(res, 'hybrid_' + name):.1f}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--features", required=True, help="featurize output with train/ and val/")
@@ -177,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="base override KEY=VALUE")
     p.add_argument("--dense-from", default=None, help="setting whose heads are the d2s/joint init")
     p.add_argument("--table", action="store_true")
+    p.add_argument("--fusion-grid", metavar="SETTING", help="re-score a finished run's saved heads with a grid of fusions")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     done = {}
@@ -187,6 +213,8 @@ def main(argv=None) -> int:
     if args.table:
         print(table(list(done.values())))
         return 0
+    if args.fusion_grid:
+        return fusion_grid(args)
     import yaml
 
     from pipelines.evaluate import read_feature_columns
