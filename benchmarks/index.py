@@ -131,7 +131,7 @@ def run(args):
     # ---- sdray: FAISS Flat / IVF ----------------------------------------------------------
     dense_idx = {}
     for kind in args.dense_kinds:
-        dcfg = DenseIndexConfig(kind=kind, nlist=int(4 * np.sqrt(n)), nprobe=args.nprobe)
+        dcfg = DenseIndexConfig(kind=kind, nlist=args.nlist or int(4 * np.sqrt(n)), nprobe=args.nprobe)
         t = time.time()
         d = DenseIndex.build(syn.dense, dcfg)
         b = time.time() - t
@@ -333,6 +333,7 @@ def main(argv=None) -> int:
     p.add_argument("--kprime", type=int, nargs="+", default=[10, 30, 100])
     p.add_argument("--dense-kinds", nargs="+", default=["flat", "ivf"])
     p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(n); k-means trains on up to 256 per list)")
     p.add_argument("--query-cut", type=int, default=10)
     p.add_argument("--heap-factor", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)

@@ -125,10 +125,13 @@ def run_setting(name, method, init_state, overrides, train, val, base_overrides,
                             f"{' *' if r.get('selected') else ''} ({r['seconds']:.0f}s)", flush=True))
     seconds = time.time() - t0
     tau = float(heads.tau.detach())
+    kept_fusion = next((r for r in reversed(history) if r.get("selected")), history[-1])["val"]["fusion"]
+    if "w1" in kept_fusion:  # the weights fusion.calibrate chose at the kept epoch
+        cfg = config_lib.with_overrides(cfg, {"fusion.w1": kept_fusion["w1"], "fusion.w2": kept_fusion["w2"]})
     res = evaluate_features(heads, val, cfg, fusions(cfg, tau))
     kept = max((r["epoch"] for r in history if r.get("selected")), default=None)
     row = {"name": name, "method": method, "overrides": overrides, "epochs": epochs,
-           "kept_epoch": kept, "tau": tau, "seconds": seconds,
+           "kept_epoch": kept, "tau": tau, "seconds": seconds, "fusion": res["fusion"],
            "rsum": {k: rsum(res, k) for k in res["t2i"]}, "sparsity": res["sparsity"],
            "t2i_R@1": {k: res["t2i"][k]["R@1"] for k in res["t2i"]},
            "history": [{"epoch": r["epoch"], "loss": r["loss"], "tau": r["tau"],

@@ -112,7 +112,7 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from sdray.evaluation import evaluate_features, format_table
+    from sdray.evaluation import evaluate_and_calibrate, format_table
     from sdray.model import _heads_like
     from sdray.training import (Selector, Trainer, broadcast_parameters, load_checkpoint,
                                 save_checkpoint, selection_metric, write_model_dir)
@@ -229,7 +229,7 @@ def train_loop(config: dict) -> None:
             if val_cache is None:
                 val_cache = collect_val()
             trainer.heads.eval()
-            result = evaluate_features(trainer.heads, val_cache, cfg)
+            result, model_cfg = evaluate_and_calibrate(trainer.heads, val_cache, cfg)
             trainer.heads.train()
             improved = selector.update(epoch + 1, result)
             flat = _flat_val(result)
@@ -239,7 +239,7 @@ def train_loop(config: dict) -> None:
             metrics.update(flat)
             if improved:
                 with tempfile.TemporaryDirectory() as tmp:
-                    write_model_dir(tmp, cfg, trainer.heads,
+                    write_model_dir(tmp, model_cfg, trainer.heads,
                                     {"method": cfg.loss.method, "epoch": epoch + 1, "step": trainer.step,
                                      "tau": float(trainer.heads.tau), "selection": {
                                          "metric": selector.metric, "value": selector.best,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -136,6 +136,10 @@ class FusionConfig(_Strict):
     w1: float | None = Field(1.0, ge=0.0, description="Weight of cos/τ; None: loss.w1. Default 1 "
                              "with w2 = 1: the sum of the two trained logits (docs/sweep.md).")
     w2: float | None = Field(1.0, ge=0.0, description="Weight of the sparse score; None: loss.w2.")
+    calibrate: bool = Field(True, description="Training (calibrated method, d2s/joint): at each kept "
+                            "epoch set w1 = 1 and pick w2 from w2_grid by val hybrid RSUM (docs/sweep.md).")
+    w2_grid: list[PositiveFloat] = Field(default_factory=lambda: [0.1, 0.2, 0.5, 1.0, 2.0],
+                                 description="Sparse weights tried by fusion.calibrate.")
     rrf_k: float = Field(60.0, gt=0.0)
 
 

@@ -195,6 +195,38 @@ def evaluate_features(heads: RetrieverHeads, data: dict[str, Any], cfg,
     return result
 
 
+def evaluate_and_calibrate(heads: RetrieverHeads, data: dict[str, Any], cfg) -> tuple[dict[str, Any], Any]:
+    """:func:`evaluate_features`, choosing the sparse fusion weight on ``data`` (a val split).
+
+    With ``cfg.fusion.calibrate`` (and the ``calibrated`` method), the hybrid is scored with
+    ``w1 = 1`` and each ``w2`` of ``cfg.fusion.w2_grid`` — one encoding, several fusions — and
+    the ``w2`` with the best hybrid RSUM (ties: the smaller) is kept. Tuning a fusion weight on
+    held-out data is the usual way to set it; DESIGN.md §1 asks for the fusion that measures best.
+
+    Returns ``(result, cfg)``: ``result["hybrid"]`` and ``result["fusion"]`` are the chosen
+    fusion's, ``result["fusion_grid"]`` maps each ``w2`` to its hybrid RSUM, and ``cfg`` carries
+    ``fusion.w1 = 1, fusion.w2 = <chosen>`` (the input ``cfg`` when nothing is calibrated).
+    """
+    f = cfg.fusion
+    if not (f.calibrate and f.method == "calibrated" and cfg.loss.method != "dense" and f.w2_grid):
+        return evaluate_features(heads, data, cfg), cfg
+    tau = float(heads.tau.detach())
+    grid = {f"w2={w2:g}": {"method": "calibrated", "w1": 1.0, "w2": float(w2), "tau": tau,
+                           **({"normalize": f.normalize} if f.normalize else {})} for w2 in f.w2_grid}
+    result = evaluate_features(heads, data, cfg, grid)
+    scores = {name: rsum(result, f"hybrid_{name}") for name in grid}
+    best = max(sorted(grid, key=lambda n: grid[n]["w2"]), key=lambda n: scores[n])
+    for d in DIRECTIONS:
+        result[d]["hybrid"] = result[d][f"hybrid_{best}"]
+        for name in grid:
+            del result[d][f"hybrid_{name}"]
+    result["fusion"] = grid[best]
+    result["fusion_grid"] = {grid[n]["w2"]: scores[n] for n in grid}
+    chosen = cfg.model_copy(deep=True)
+    chosen.fusion.w1, chosen.fusion.w2 = 1.0, grid[best]["w2"]
+    return result, chosen
+
+
 def rsum(result: dict[str, Any], rep: str) -> float:
     """Sum of R@1, R@5, R@10 in both directions for ``rep`` (a fraction sum in [0, 6])."""
     return float(sum(result[d][rep][f"R@{k}"] for d in DIRECTIONS for k in (1, 5, 10)))

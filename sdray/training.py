@@ -751,10 +751,10 @@ def fit_in_process(cfg: SdrayConfig, heads: RetrieverHeads, train: dict[str, Any
     """Train ``heads`` on in-memory features (one process), validating each epoch.
 
     Returns the best heads (by :class:`Selector`; the last if no epoch met the budget) and the
-    per-epoch history (validation results included). Used by the sweep; the Ray pipeline runs
-    the same :class:`Trainer`.
+    per-epoch history (validation results included, each with the fusion ``fusion.calibrate``
+    chose). Used by the sweep; the Ray pipeline runs the same :class:`Trainer`.
     """
-    from sdray.evaluation import evaluate_features
+    from sdray.evaluation import evaluate_and_calibrate
 
     n = len(train["text_features"])
     bs = min(cfg.optim.batch_size, n)
@@ -772,7 +772,7 @@ def fit_in_process(cfg: SdrayConfig, heads: RetrieverHeads, train: dict[str, Any
                "tau": float(trainer.heads.tau.detach()), "seconds": time.time() - t0}
         if val is not None:
             trainer.heads.eval()
-            res = evaluate_features(trainer.heads, val, cfg)
+            res, _ = evaluate_and_calibrate(trainer.heads, val, cfg)  # res["fusion"]: the chosen one
             trainer.heads.train()
             row["val"] = res
             if sel.update(epoch + 1, res):

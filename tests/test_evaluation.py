@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from sdray.config import from_dict
-from sdray.evaluation import dedupe, encode, evaluate_features, format_table, fused_metrics, rsum, sparse_scores
+from sdray.evaluation import (dedupe, encode, evaluate_and_calibrate, evaluate_features, format_table, fused_metrics,
+                              rsum, sparse_scores)
 from sdray.heads import RetrieverHeads
 from sdray.metrics import ranking_metrics, retrieval_metrics
 
@@ -104,3 +105,28 @@ def test_per_query_fusion_normalises_over_each_querys_candidates(fusion):
     wrong_axis = ranking_metrics(torch.stack([torch.as_tensor(per_query(dense[i].numpy(), sparse[i].numpy()))
                                               for i in range(n_i)]).T, rel.T)
     assert got["t2i"] != pytest.approx(wrong_axis)
+
+
+def test_calibration_picks_the_best_sparse_weight_on_the_split():
+    rng = np.random.default_rng(3)   # a split where the middle weight wins
+    n = 40
+    data = {"text_features": rng.normal(size=(n, HT)).astype(np.float32),
+            "image_features": rng.normal(size=(n, HI)).astype(np.float32),
+            "image_id": [f"i{k}" for k in range(n)], "caption": [f"c{k}" for k in range(n)]}
+    h = heads(2)
+    cfg = from_dict({"loss": {"method": "joint"}, "fusion": {"w2_grid": [0.01, 0.5, 3.0]}})
+    res, chosen = evaluate_and_calibrate(h, data, cfg)
+    tau = h.tau.item()
+    each = {w2: rsum(evaluate_features(h, data, from_dict({"fusion": {"w1": 1.0, "w2": w2}})), "hybrid")
+            for w2 in (0.01, 0.5, 3.0)}
+    best = max(sorted(each), key=lambda w: each[w])
+    assert best == 0.5 and len(set(each.values())) == 3
+    assert (chosen.fusion.w1, chosen.fusion.w2) == (1.0, best)
+    assert res["fusion"] == {"method": "calibrated", "w1": 1.0, "w2": best, "tau": tau}
+    assert rsum(res, "hybrid") == pytest.approx(each[best]) and res["fusion_grid"] == pytest.approx(each)
+    assert not any(k.startswith("hybrid_") for k in res["t2i"])
+    assert cfg.fusion.w2 == 1.0, "the input config is left alone"
+    # off, or for a dense model: plain evaluation with the configured fusion
+    for off in (from_dict({"fusion": {"calibrate": False}}), from_dict({"loss": {"method": "dense"}})):
+        res, same = evaluate_and_calibrate(h, data, off)
+        assert same is off and res["fusion"]["w2"] == 1.0 and "fusion_grid" not in res
