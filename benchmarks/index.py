@@ -123,10 +123,13 @@ def run(args):
     with tempfile.TemporaryDirectory() as tmp:
         seis.save(os.path.join(tmp, "s"))
         seis_bytes = os.path.getsize(os.path.join(tmp, "s"))
-    for th in (1, 2):
-        tm, res = timed(lambda q: seis.search(q, k, threads=th)[1][0], q_rows)
-        add("sdray Seismic", "sparse", th, seis_build if th == 2 else None, seis_bytes, tm, recall(res, gt_sparse),
-            f"query_cut={scfg.query_cut} heap_factor={scfg.heap_factor}; build on 2 threads; +{csr_bytes / n:.0f} B/doc stored CSR")
+    for qc, hf in [(scfg.query_cut, scfg.heap_factor), *args.seismic_search]:  # search-time knobs, one index
+        for th in (1, 2):
+            tm, res = timed(lambda q: seis.search(q, k, query_cut=qc, heap_factor=hf, threads=th)[1][0], q_rows)
+            add("sdray Seismic", "sparse", th, seis_build if th == 2 else None, seis_bytes, tm, recall(res, gt_sparse),
+                f"query_cut={qc} heap_factor={hf}; build on 2 threads; +{csr_bytes / n:.0f} B/doc stored CSR")
+    if args.sparse_only:
+        return info, rows
 
     # ---- sdray: FAISS Flat / IVF ----------------------------------------------------------
     dense_idx = {}
@@ -331,6 +334,11 @@ def ratios(rows, min_recall=0.95) -> str:
     return "\n".join(lines)
 
 
+def _qc_hf(text: str) -> tuple[int, float]:
+    qc, hf = text.split(":")
+    return int(qc), float(hf)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100_000)
@@ -342,6 +350,9 @@ def main(argv=None) -> int:
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(n); k-means trains on up to 256 per list)")
     p.add_argument("--query-cut", type=int, default=10)
     p.add_argument("--heap-factor", type=float, default=0.9)
+    p.add_argument("--seismic-search", nargs="*", default=[], metavar="QC:HF", type=_qc_hf,
+                   help="more Seismic search settings (query_cut:heap_factor) timed on the same index")
+    p.add_argument("--sparse-only", action="store_true", help="stop after exact CSR and Seismic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-milvus", action="store_true")
     p.add_argument("--milvus-queries", type=int, default=20, help="Milvus Lite takes seconds per query")
