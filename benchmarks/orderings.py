@@ -6,7 +6,9 @@ Usage::
     python benchmarks/orderings.py --features FEAT --out WORK [--eval-split test] [--set KEY=VALUE ...]
 
 ``WORK`` is a local folder or an ``s3://`` prefix (S3 settings from the environment, as for every
-sdray command). The script trains ``dense``, then ``d2s`` and ``joint`` from the dense model
+sdray command). ``--local-s3 DIR`` starts a real S3 server (SeaweedFS, as in the tests) on
+127.0.0.1, uploads the features and runs everything against ``s3://`` URIs (``--out`` is then a
+prefix in its bucket). The script trains ``dense``, then ``d2s`` and ``joint`` from the dense model
 (``--init``, as in the paper), all with the default config, evaluates each on
 ``FEAT/<eval-split>`` with ``sdray eval --json``, and prints RSUM (R@1+R@5+R@10 of both
 directions, in percent, max 600) and the orderings the training issue asks for:
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -65,6 +68,24 @@ def orderings(res: dict) -> list[dict]:
             for name, a, b, op in checks]
 
 
+def _on_local_s3(args, argv) -> int:
+    """Rerun this script with ``s3://`` URIs against a SeaweedFS server on 127.0.0.1 (tests.s3server)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+    from sdray import storage
+    from tests.s3server import S3Server
+
+    with S3Server(args.local_s3) as s3:
+        s3.export_env()  # the sdray subprocesses (and their Ray workers) inherit the S3 settings
+        for split in ("train", "val", args.eval_split):
+            storage.upload_dir(join(args.features, split), s3.uri("features", split))
+        rest = list(argv if argv is not None else sys.argv[1:])
+        i = rest.index("--local-s3")
+        rest = rest[:i] + rest[i + 2:]
+        rest[rest.index("--features") + 1] = s3.uri("features")
+        rest[rest.index("--out") + 1] = s3.uri(args.out.strip("/"))
+        return main(rest)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--features", required=True, help="featurize output with train/, val/ and the eval split")
@@ -72,7 +93,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-split", default="test")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all methods")
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--local-s3", metavar="DIR", help="start a SeaweedFS S3 server on loopback (data in DIR), "
+                   "upload --features there and use s3:// URIs for features and --out (a bucket-relative prefix)")
     args = p.parse_args(argv)
+    if args.local_s3:
+        return _on_local_s3(args, argv)
     sets = [a for s in args.set for a in ("--set", s)]
     results, seconds = {}, {}
     for method in METHODS:
