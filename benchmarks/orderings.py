@@ -68,8 +68,8 @@ def orderings(res: dict) -> list[dict]:
             for name, a, b, op in checks]
 
 
-def _on_local_s3(args, argv) -> int:
-    """Rerun this script with ``s3://`` URIs against a SeaweedFS server on 127.0.0.1 (tests.s3server)."""
+def on_local_s3(args: argparse.Namespace) -> int:
+    """:func:`check` with ``s3://`` URIs against a SeaweedFS server on 127.0.0.1 (tests.s3server)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
     from sdray import storage
     from tests.s3server import S3Server
@@ -78,12 +78,8 @@ def _on_local_s3(args, argv) -> int:
         s3.export_env()  # the sdray subprocesses (and their Ray workers) inherit the S3 settings
         for split in ("train", "val", args.eval_split):
             storage.upload_dir(join(args.features, split), s3.uri("features", split))
-        rest = list(argv if argv is not None else sys.argv[1:])
-        i = rest.index("--local-s3")
-        rest = rest[:i] + rest[i + 2:]
-        rest[rest.index("--features") + 1] = s3.uri("features")
-        rest[rest.index("--out") + 1] = s3.uri(args.out.strip("/"))
-        return main(rest)
+        return check(argparse.Namespace(**{**vars(args), "features": s3.uri("features"),
+                                           "out": s3.uri(args.out.strip("/"))}))
 
 
 def main(argv=None) -> int:
@@ -96,8 +92,11 @@ def main(argv=None) -> int:
     p.add_argument("--local-s3", metavar="DIR", help="start a SeaweedFS S3 server on loopback (data in DIR), "
                    "upload --features there and use s3:// URIs for features and --out (a bucket-relative prefix)")
     args = p.parse_args(argv)
-    if args.local_s3:
-        return _on_local_s3(args, argv)
+    return on_local_s3(args) if args.local_s3 else check(args)
+
+
+def check(args: argparse.Namespace) -> int:
+    """Train and evaluate the three methods, print the tables; 0 when every ordering holds."""
     sets = [a for s in args.set for a in ("--set", s)]
     results, seconds = {}, {}
     for method in METHODS:

@@ -140,7 +140,8 @@ def fused_metrics(dense: torch.Tensor, sparse: torch.Tensor, relevant: Any,
     params = dict(fusion)
     method = params.pop("method")
     i2t = fuse(dense, sparse, method, **params)
-    t2i = fuse(dense.T, sparse.T, method, **params)
+    per_query = method == "rrf" or params.get("normalize") is not None
+    t2i = fuse(dense.T, sparse.T, method, **params) if per_query else i2t.T  # per-document: same scores
     return {"t2i": ranking_metrics(t2i, relevant.T), "i2t": ranking_metrics(i2t, relevant)}
 
 

@@ -137,22 +137,33 @@ def test_sparse_head_gets_its_own_lr():
         assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(1e-2)
 
 
-def test_checkpoint_roundtrip_with_sparse_head_lr(tmp_path):
-    cfg = cfg_for("joint", expansion_control=True)
-    cfg.optim.sparse_head_lr = 3e-2
+def _straight_and_resumed(cfg, ck: str) -> tuple[Trainer, Trainer, dict, int]:
+    """Four steps in one go, and two steps + checkpoint + two more in a fresh trainer.
+
+    Returns ``(straight, resumed, loop, step)``: ``loop`` is what :func:`load_checkpoint` gave
+    back and ``step`` the resumed trainer's step right after loading.
+    """
     batches = [make_batch(8, seed=s) for s in range(4)]
     ref = Trainer(cfg, make_heads(), total_steps=4)
     for b in batches:
         ref.train_step(b)
-    a = Trainer(cfg, make_heads(), total_steps=4)
+    first = Trainer(cfg, make_heads(), total_steps=4)
     for b in batches[:2]:
-        a.train_step(b)
-    save_checkpoint(str(tmp_path / "ck"), a, {"epoch": 0, "batch": 2})
-    b2 = Trainer(cfg, make_heads(seed=9), total_steps=4)
-    load_checkpoint(str(tmp_path / "ck"), b2)
-    assert len(b2.optimizer.param_groups) == 2
+        first.train_step(b)
+    save_checkpoint(ck, first, {"epoch": 0, "batch": 2})
+    resumed = Trainer(cfg, make_heads(seed=9), total_steps=4)
+    loop = load_checkpoint(ck, resumed)
+    step = resumed.step
     for b in batches[2:]:
-        b2.train_step(b)
+        resumed.train_step(b)
+    return ref, resumed, loop, step
+
+
+def test_checkpoint_roundtrip_with_sparse_head_lr(tmp_path):
+    cfg = cfg_for("joint", expansion_control=True)
+    cfg.optim.sparse_head_lr = 3e-2
+    ref, b2, _, _ = _straight_and_resumed(cfg, str(tmp_path / "ck"))
+    assert len(b2.optimizer.param_groups) == 2
     for (n, p), (_, q) in zip(ref.heads.named_parameters(), b2.heads.named_parameters()):
         torch.testing.assert_close(p, q, msg=n)
 
@@ -177,22 +188,11 @@ def test_lr_schedule_warmup_then_linear_decay():
 
 def test_checkpoint_roundtrip_resumes_identically(tmp_path):
     cfg = cfg_for("joint", expansion_control=True)
-    data_batches = [make_batch(8, seed=s) for s in range(4)]
-    ref = Trainer(cfg, make_heads(), total_steps=4)
-    for b in data_batches:
-        ref.train_step(b)
-    a = Trainer(cfg, make_heads(), total_steps=4)
-    for b in data_batches[:2]:
-        a.train_step(b)
-    save_checkpoint(str(tmp_path / "ck"), a, {"epoch": 0, "batch": 2})
+    ref, b2, loop, step = _straight_and_resumed(cfg, str(tmp_path / "ck"))
     files = sorted(os.listdir(tmp_path / "ck"))
     assert files == ["config.yaml", "heads.safetensors", "model.json", "optimizer.safetensors",
                      "trainer_state.json"]
-    b2 = Trainer(cfg, make_heads(seed=9), total_steps=4)
-    loop = load_checkpoint(str(tmp_path / "ck"), b2)
-    assert loop == {"epoch": 0, "batch": 2} and b2.step == 2
-    for b in data_batches[2:]:
-        b2.train_step(b)
+    assert loop == {"epoch": 0, "batch": 2} and step == 2
     for (n, p), (_, q) in zip(ref.heads.named_parameters(), b2.heads.named_parameters()):
         torch.testing.assert_close(p, q, msg=n)
     # the checkpoint is also a loadable model
