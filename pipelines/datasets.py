@@ -11,6 +11,14 @@ consumed ``counter.counts()`` is exact; mid-stream it is a lower bound. The acto
 per input shard, how many raw samples were read and how many were dropped while decoding, which
 lets a consumer (featurize) tell when all of a shard's rows have come through.
 
+Faults vs bad data: a shard is read in full (``storage.read_shard_bytes``: botocore/s3fs retries,
+then bounded whole-shard attempts) before it is parsed. A storage error that survives them raises
+:class:`~sdray.storage.ShardStorageError` naming the shard; the read task fails, Ray retries it
+(``StorageConfig.task_retries``) and then the job fails. Only bytes read in full that do not parse
+are counted as bad data (``shard_unreadable``/``shard_truncated``).
+
+Sample ids are ``<shard path under the input root, no suffix>/<key>`` (unique across the input).
+
 Shuffling: the shard list is shuffled (seeded) when ``DataConfig.shuffle_files``; within a
 shard, samples go through a seeded shuffle buffer of ``DataConfig.shuffle_buffer`` samples.
 Consumers may add Ray's ``local_shuffle_buffer_size`` when iterating.
@@ -27,13 +35,13 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sdray import storage
-from sdray.config import DataConfig
+from sdray.config import DataConfig, StorageConfig
 from sdray.data.decode import decode_batch
-from sdray.data.formats import iter_shard_samples, shard_name
-from sdray.data.skips import SHARD_UNREADABLE, SkipCounts
+from sdray.data.formats import is_sidecar, iter_shard_samples, shard_id, stats_uri
+from sdray.data.skips import SkipCounts
 
 SHARD_SUFFIXES = (".tar", ".parquet")
-RAW_COLUMNS = ("sample_id", "image_id", "caption", "image", "shard")
+RAW_COLUMNS = ("sample_id", "image_id", "caption", "image", "key", "url", "shard")
 
 
 # ----------------------------------------------------------------------------- Ray setup
@@ -126,14 +134,43 @@ class SkipCounter:
 # ----------------------------------------------------------------------------- readers
 
 def list_shards(uri: str) -> list[str]:
-    """The ``.tar``/``.parquet`` shards under ``uri`` (a folder/prefix, or one shard), sorted."""
+    """The ``.tar``/``.parquet`` shards under ``uri`` (a folder/prefix, or one shard), sorted;
+    img2dataset's metadata ``NNNNN.parquet`` beside ``NNNNN.tar`` is a sidecar, not a shard."""
     try:
         files = storage.list_files(uri, SHARD_SUFFIXES)
     except storage.StorageError:
         raise
     except Exception as err:
         raise storage.explain_error(uri, err) from err
-    return files
+    listed = set(files)
+    return [f for f in files if not is_sidecar(f, listed)]
+
+
+def shard_ids(shards: list[str], root: str) -> dict[str, str]:
+    """Shard URI -> its id (path under ``root`` without suffix; the prefix of its sample ids)."""
+    return {s: shard_id(s, root) for s in shards}
+
+
+def split_sample_id(sample_id: str, ids: set[str] | dict) -> tuple[str | None, str]:
+    """``(shard id, key)`` of ``sample_id`` given the known shard ids (longest match wins,
+    as both ids and keys may contain ``/``); ``(None, sample_id)`` when no id matches."""
+    cut = len(sample_id)
+    while (cut := sample_id.rfind("/", 0, cut)) > 0:
+        if sample_id[:cut] in ids:
+            return sample_id[:cut], sample_id[cut + 1:]
+    return None, sample_id
+
+
+def upstream_failures(shard_uri: str) -> dict[str, int]:
+    """Download failures img2dataset recorded for this shard (``NNNNN_stats.json``), if any."""
+    try:
+        stats = storage.read_json(stats_uri(shard_uri))
+    except FileNotFoundError:
+        return {}
+    if not isinstance(stats, dict):
+        return {}
+    keys = ("failed_to_download", "failed_to_resize")
+    return {k: int(stats[k]) for k in keys if isinstance(stats.get(k), int) and stats[k]}
 
 
 def _buffer_shuffle(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -159,14 +196,18 @@ def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
 
 
 def read_shard_rows(shard_uri: str, counts: SkipCounts, max_caption_bytes: int,
-                    shuffle_buffer: int = 0, seed: int = 0) -> list[dict]:
-    """All raw samples of one shard (never raises; an unreadable shard counts and gives [])."""
-    try:
-        with storage.open_uri(shard_uri, "rb") as f:
-            rows = list(iter_shard_samples(f, shard_uri, counts, max_caption_bytes))
-    except Exception:
-        counts.add(SHARD_UNREADABLE)
-        return []
+                    shuffle_buffer: int = 0, seed: int = 0, shard: str | None = None,
+                    storage_cfg: StorageConfig | None = None) -> list[dict]:
+    """Every valid raw sample of one shard; bad data is counted in ``counts``.
+
+    The shard is read in full first (retried per ``storage_cfg``); a storage fault that survives
+    the retries raises :class:`~sdray.storage.ShardStorageError` (never an empty shard). ``shard``:
+    the sample-id prefix (:func:`shard_ids`), default the file's base name.
+    """
+    import io
+
+    data = storage.read_shard_bytes(shard_uri, storage_cfg)
+    rows = list(iter_shard_samples(io.BytesIO(data), shard_uri, counts, max_caption_bytes, shard))
     if shuffle_buffer > 1:
         rng = random.Random(f"{seed}:{shard_uri}")
         rows = list(_buffer_shuffle(iter(rows), shuffle_buffer, rng))
@@ -175,11 +216,21 @@ def read_shard_rows(shard_uri: str, counts: SkipCounts, max_caption_bytes: int,
     return rows
 
 
+def retry_shard_tasks(ds, cfg: StorageConfig) -> None:
+    """Let Ray Data retry a map task (``cfg.task_retries`` times, with its own backoff) that
+    failed with :class:`~sdray.storage.ShardStorageError`; other errors fail at once. Set on the
+    dataset's own context, which the datasets derived from it share."""
+    ds.context.retried_map_errors = [storage.ShardStorageError.__name__]
+    ds.context.max_map_retries = cfg.task_retries
+
+
 def _read_shards(batch: dict, *, max_caption_bytes: int, shuffle_buffer: int, seed: int,
-                 counter: SkipCounter | None, chunk: int):
-    for shard_uri in batch["shard"]:
+                 counter: SkipCounter | None, chunk: int, storage_cfg: dict):
+    cfg = storage.configure_retries(storage_cfg, export_env=False)
+    for shard_uri, sid in zip(batch["shard"], batch["shard_id"]):
         counts = SkipCounts()
-        rows = read_shard_rows(str(shard_uri), counts, max_caption_bytes, shuffle_buffer, seed)
+        rows = read_shard_rows(str(shard_uri), counts, max_caption_bytes, shuffle_buffer, seed,
+                               str(sid), cfg)
         if counter is not None:
             counter.add(counts, shard=str(shard_uri), read=len(rows))
         for i in range(0, len(rows), chunk):
@@ -203,7 +254,8 @@ def _decode(batch: dict, *, preprocessor, max_pixels: int, image_size: int | Non
 
 def read_image_text(uri: str | list[str], data_cfg: DataConfig | None = None, preprocessor=None,
                     *, counter: SkipCounter | None = None, seed: int = 0,
-                    image_size: int | None = None, decode: bool = True):
+                    image_size: int | None = None, decode: bool = True, root: str | None = None,
+                    storage_cfg: StorageConfig | None = None):
     """A Ray Dataset of decoded samples from WebDataset tar / Parquet shards (local or s3://).
 
     Args:
@@ -215,22 +267,32 @@ def read_image_text(uri: str | list[str], data_cfg: DataConfig | None = None, pr
             of every decodable image.
         counter: where skip counts go (:meth:`SkipCounter.create`); ``None``: not collected.
         decode: ``False`` gives the raw rows (``image`` bytes, not yet decoded).
+        root: the input root that sample ids are relative to when ``uri`` is a list
+            (default: ``uri`` itself for a folder; base names for a list).
+        storage_cfg: retries of the shard reads (default: :func:`sdray.storage.retry_config`).
 
-    Every row also has ``sample_id``, ``image_id``, ``caption`` and ``shard`` (the input shard URI).
+    Every row also has ``sample_id``, ``image_id``, ``caption``, ``key``, ``url`` (img2dataset's
+    source URL or ``None``) and ``shard`` (the input shard URI). A shard that cannot be read
+    after every retry fails the job with :class:`~sdray.storage.ShardStorageError`.
     """
     import ray
 
     cfg = data_cfg or DataConfig()
+    scfg = storage_cfg or storage.retry_config()
     shards = list(uri) if isinstance(uri, (list, tuple)) else list_shards(uri)
     if not shards:
         raise FileNotFoundError(f"no .tar or .parquet shards under {uri}")
+    ids = shard_ids(shards, root if isinstance(uri, (list, tuple)) else str(uri))
     if cfg.shuffle_files:
         random.Random(seed).shuffle(shards)
-    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ds = ray.data.from_items([{"shard": s, "shard_id": ids[s]} for s in shards],
+                             override_num_blocks=len(shards))
+    retry_shard_tasks(ds, scfg)
     ds = ds.map_batches(
         functools.partial(_read_shards, max_caption_bytes=cfg.max_caption_bytes,
                           shuffle_buffer=cfg.shuffle_buffer if cfg.shuffle_files else 0,
-                          seed=seed, counter=counter, chunk=max(cfg.read_batch_size, 256)),
+                          seed=seed, counter=counter, chunk=max(cfg.read_batch_size, 256),
+                          storage_cfg=scfg.model_dump()),
         batch_size=1, batch_format="numpy", num_cpus=0.5)
     if not decode:
         return ds
@@ -261,10 +323,10 @@ def is_feature_dir(uri: str) -> bool:
     dims), or one split of it (Parquet files with an ``image_features`` column)."""
     try:
         m = storage.read_json(storage.join(uri, "manifest.json"))
-        if isinstance(m, dict) and "image_dim" in m and "text_dim" in m:
-            return True
-    except Exception:
-        pass
+    except (FileNotFoundError, ValueError):     # no manifest, or not JSON: look at the files
+        m = None
+    if isinstance(m, dict) and "image_dim" in m and "text_dim" in m:
+        return True
     files = storage.list_files(uri, (".parquet",))
     if not files:
         return False

@@ -1,15 +1,21 @@
 """``sdray featurize``: frozen-backbone features of image–text shards (Ray Data batch inference).
 
-Pipeline: shard list -> read (tasks) -> decode + preprocess + tokenise (tasks, ``map_batches``)
--> frozen backbone in an actor pool (``ActorPoolStrategy``; GPU + fp16 when present) -> the
-driver gathers rows per input shard and writes one Parquet feature shard per input shard as soon
-as all of that shard's rows have come through. ``OUT/manifest.json`` is rewritten after each
-shard, so a re-run skips the shards already done.
+Pipeline: the list of pending input shards -> an actor pool of :class:`Featurizer`\s
+(``ActorPoolStrategy``; GPU + fp16 when present). Each actor takes one whole input shard at a
+time: reads it (retried; a storage fault fails the task, Ray retries it, then the job fails
+naming the shard), decodes the next batch in a background thread while the backbone runs on the
+current one, writes the shard's feature Parquet itself, then its record ``OUT/_shards/<id>.json``,
+and sends the driver only that small record. The driver never holds feature rows, and each
+finished shard costs one small write (O(1)); ``OUT/manifest.json`` is written once at the end
+from the records. A re-run skips every shard with a record (and its Parquet), so an interrupted
+job resumes; a shard is redone if its output is gone.
 
-Feature shard columns: ``sample_id``, ``image_id``, ``caption``, ``input_ids`` (list<int32>,
-unpadded), ``text_features`` (fixed_size_list<float32>[text_dim]), ``image_features``
-(fixed_size_list<float32>[image_dim]). Output files mirror the input layout:
-``DATA/train/shard-00000.tar`` -> ``OUT/train/shard-00000.parquet``.
+Feature shard columns: ``sample_id``, ``image_id``, ``caption``, ``key``, ``url`` (img2dataset's
+source URL, else null), ``input_ids`` (list<int32>, unpadded), ``text_features``
+(fixed_size_list<float32>[text_dim]), ``image_features`` (fixed_size_list<float32>[image_dim]).
+Output files mirror the input layout: ``DATA/train/shard-00000.tar`` ->
+``OUT/train/shard-00000.parquet``; sample ids carry the same relative path
+(``train/shard-00000/<key>``).
 """
 
 from __future__ import annotations
@@ -18,35 +24,44 @@ import argparse
 import io
 import json
 import os
-import posixpath
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from sdray import storage
-from sdray.config import BackboneConfig, DataConfig
+from sdray.config import BackboneConfig, DataConfig, StorageConfig
 
 MANIFEST = "manifest.json"
-FEATURE_COLUMNS = ("sample_id", "image_id", "caption", "input_ids", "text_features",
-                   "image_features")
+RECORDS = "_shards"            # OUT/_shards/<shard id>.json: one record per finished input shard
+FEATURE_COLUMNS = ("sample_id", "image_id", "caption", "key", "url", "input_ids",
+                   "text_features", "image_features")
 
 
 class Featurizer:
-    """Actor state: the frozen backbone. ``__call__`` maps a decoded batch to feature rows."""
+    """Actor: the frozen backbone. ``__call__`` featurizes whole input shards (one row of
+    ``shard``, ``shard_id``, ``output``, ``record`` URIs each) and returns their records;
+    :meth:`features` maps one decoded batch to feature rows."""
 
     def __init__(self, backbone_cfg: dict, fp16: bool = True, threads: int | None = None,
-                 cache_size: int = 4096):
+                 cache_size: int = 4096, *, data_cfg: dict | None = None,
+                 storage_cfg: dict | None = None, batch_size: int = 64):
         import torch
 
-        from sdray.backbones import load_backbone
+        from sdray.backbones import load_backbone, load_preprocessor
 
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.fp16 = bool(fp16 and self.device.type == "cuda")
-        self.backbone = load_backbone(BackboneConfig(**backbone_cfg)).to(self.device).eval()
+        self.backbone_cfg = BackboneConfig(**backbone_cfg)
+        self.backbone = load_backbone(self.backbone_cfg).to(self.device).eval()
+        self.preprocessor = load_preprocessor(self.backbone_cfg)
+        self.data_cfg = DataConfig.model_validate(data_cfg or {})
+        self.storage_cfg = storage.configure_retries(storage_cfg, export_env=False)
+        self.batch_size = int(batch_size)
         self.cache: dict[str, np.ndarray] = {}     # image_id -> features (images with many captions)
         self.cache_size = cache_size
 
@@ -82,7 +97,9 @@ class Featurizer:
                                             torch.from_numpy(mask).to(self.device))
         return t.float().cpu().numpy()
 
-    def __call__(self, batch: dict) -> "Any":
+    def features(self, batch: dict) -> "Any":
+        """Decoded batch (``pixels`` (B,3,S,S), ``input_ids``/``attention_mask`` (B,L), ids,
+        captions, ``key``, ``url``) -> a pyarrow table of :data:`FEATURE_COLUMNS`."""
         import pyarrow as pa
 
         n = len(batch["sample_id"])
@@ -98,13 +115,68 @@ class Featurizer:
             "sample_id": pa.array([str(x) for x in batch["sample_id"]], pa.string()),
             "image_id": pa.array([str(x) for x in batch["image_id"]], pa.string()),
             "caption": pa.array([str(x) for x in batch["caption"]], pa.string()),
+            "key": pa.array([str(x) for x in batch["key"]], pa.string()),
+            "url": pa.array([None if x is None else str(x) for x in batch["url"]], pa.string()),
             "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32())),
             "text_features": pa.FixedSizeListArray.from_arrays(
                 pa.array(txt.ravel(), pa.float32()), txt.shape[1]),
             "image_features": pa.FixedSizeListArray.from_arrays(
                 pa.array(img.ravel(), pa.float32()), img.shape[1]),
-            "shard": pa.array([str(x) for x in batch["shard"]], pa.string()),
         })
+
+    def _decode(self, rows: list[dict], counts) -> dict:
+        from sdray.data.decode import decode_batch
+
+        cols = {k: np.asarray([r[k] for r in rows] + [None], dtype=object)[:-1]
+                for k in ("sample_id", "image_id", "caption", "image", "key", "url")}
+        return decode_batch(cols, self.preprocessor, counts, self.data_cfg.max_image_pixels)
+
+    def featurize_shard(self, shard: str, shard_id: str, output: str, record: str) -> dict:
+        """Read, decode, featurize and write one input shard; then write and return its record.
+
+        Raises :class:`~sdray.storage.ShardStorageError` when the shard cannot be read (the record
+        is then not written, so the shard is never done with fewer samples than it holds).
+        """
+        import pyarrow as pa
+
+        from pipelines.datasets import read_shard_rows, upstream_failures
+        from sdray.data.skips import SkipCounts
+
+        t0 = time.time()
+        counts = SkipCounts()
+        rows = read_shard_rows(shard, counts, self.data_cfg.max_caption_bytes, shard=shard_id,
+                               storage_cfg=self.storage_cfg)
+        chunks = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        tables = []
+        with ThreadPoolExecutor(1) as pool:      # decode batch i+1 while the backbone runs batch i
+            nxt = pool.submit(self._decode, chunks[0], counts) if chunks else None
+            for i in range(len(chunks)):
+                batch = nxt.result()
+                nxt = pool.submit(self._decode, chunks[i + 1], counts) if i + 1 < len(chunks) else None
+                if len(batch["sample_id"]):
+                    tables.append(self.features(batch))
+        n = sum(t.num_rows for t in tables)
+        cfg = self.storage_cfg
+        if n:
+            data = _parquet_bytes(pa.concat_tables(tables))
+            storage.call_with_retries(lambda: storage.write_bytes_atomic(output, data),
+                                      f"writing {output} (features of shard {shard})", cfg)
+        upstream = storage.call_with_retries(lambda: upstream_failures(shard),
+                                             f"reading the download stats of shard {shard}", cfg)
+        rec = {"shard": shard, "shard_id": shard_id, "output": output, "n_samples": n,
+               "read": len(rows), "skips": _nonzero(counts), "upstream": upstream,
+               "backbone": self.backbone_cfg.model_dump(mode="json"),
+               "text_dim": self.backbone.text_dim, "image_dim": self.backbone.image_dim,
+               "seconds": round(time.time() - t0, 3)}
+        body = json.dumps(rec, sort_keys=True).encode("utf-8")
+        storage.call_with_retries(lambda: storage.write_bytes_atomic(record, body),
+                                  f"writing the record of shard {shard}", cfg)
+        return rec
+
+    def __call__(self, batch: dict) -> dict:
+        recs = [self.featurize_shard(str(s), str(i), str(o), str(r)) for s, i, o, r in
+                zip(batch["shard"], batch["shard_id"], batch["output"], batch["record"])]
+        return {"record": np.asarray([json.dumps(r) for r in recs], dtype=object)}
 
 
 def backbone_dims(backbone_cfg: BackboneConfig) -> tuple[int, int, int]:
@@ -115,39 +187,72 @@ def backbone_dims(backbone_cfg: BackboneConfig) -> tuple[int, int, int]:
     return b.text_dim, b.image_dim, b.vocab_size
 
 
-def _relative(shard: str, root: str, single: bool) -> str:
-    """Output name of a shard: its path under the data root, suffix replaced by .parquet."""
-    if single:
-        rel = posixpath.basename(shard)
-    else:
-        rel = shard[len(root.rstrip("/")):].lstrip("/")
-    for suf in (".tar", ".parquet"):
-        if rel.endswith(suf):
-            rel = rel[: -len(suf)]
-    return rel + ".parquet"
-
-
-def _write_table(uri: str, table) -> None:
+def _parquet_bytes(table) -> bytes:
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes_atomic(uri, buf.getvalue())
+    return buf.getvalue()
+
+
+def _nonzero(d: dict) -> dict:
+    return {k: int(v) for k, v in sorted(d.items()) if v}
+
+
+def _done_records(out: str, shards: set[str], backbone: dict) -> dict[str, dict]:
+    """Records of the shards already done under ``out`` (a previous run, finished or not).
+
+    One listing of the records and one of the outputs; a record is read only when the last
+    summary manifest does not hold it already. A record whose Parquet is gone is not done.
+    """
+    summary: dict = {}
+    try:
+        summary = storage.read_json(storage.join(out, MANIFEST))
+    except FileNotFoundError:
+        pass
+    old = summary.get("backbone")
+    if old and old != backbone:
+        raise ValueError(f"{out} holds features of another backbone ({old}); "
+                         f"use a new --out or remove it")
+    known = {info.get("record"): {**info, "shard": shard}
+             for shard, info in summary.get("shards", {}).items()}
+    outputs = set(storage.list_files(out, (".parquet",)))
+    done: dict[str, dict] = {}
+    for uri in storage.list_files(storage.join(out, RECORDS), (".json",)):
+        rec = known.get(uri) or storage.read_json(uri)
+        if rec.get("backbone", backbone) != backbone:
+            raise ValueError(f"{out} holds features of another backbone ({rec['backbone']}); "
+                             f"use a new --out or remove it")
+        if rec["shard"] in shards and (rec["n_samples"] == 0 or rec["output"] in outputs):
+            done[rec["shard"]] = {**rec, "record": uri}
+    return done
 
 
 def featurize(data: str, out: str, backbone_cfg: BackboneConfig | None = None,
               data_cfg: DataConfig | None = None, *, batch_size: int = 64,
               num_actors: int = 1, actor_cpus: float | None = None, threads: int | None = None,
-              use_gpu: bool | None = None,
-              fp16: bool = True, progress: bool = True, max_shards: int | None = None) -> dict:
-    """Run the featurize job; returns the manifest (also written to ``OUT/manifest.json``)."""
+              use_gpu: bool | None = None, fp16: bool = True, progress: bool = True,
+              max_shards: int | None = None, storage_cfg: StorageConfig | None = None) -> dict:
+    """Run the featurize job; returns the manifest (also written to ``OUT/manifest.json``).
+
+    Raises :class:`~sdray.storage.ShardStorageError` (through Ray) when a shard cannot be read after
+    every retry, and ``ValueError`` when the input is not empty but no sample was kept.
+    """
+    with storage.retries(storage_cfg):
+        return _featurize(data, out, backbone_cfg or BackboneConfig(), data_cfg or DataConfig(),
+                          batch_size=batch_size, num_actors=num_actors, actor_cpus=actor_cpus,
+                          threads=threads, use_gpu=use_gpu, fp16=fp16, progress=progress,
+                          max_shards=max_shards, storage_cfg=storage.retry_config())
+
+
+def _featurize(data: str, out: str, backbone_cfg: BackboneConfig, data_cfg: DataConfig, *,
+               batch_size: int, num_actors: int, actor_cpus: float | None, threads: int | None,
+               use_gpu: bool | None, fp16: bool, progress: bool, max_shards: int | None,
+               storage_cfg: StorageConfig) -> dict:
     import ray
 
-    from pipelines.datasets import SkipCounter, ensure_ray, list_shards, read_image_text
-    from sdray.backbones import load_preprocessor
+    from pipelines.datasets import ensure_ray, list_shards, retry_shard_tasks, shard_ids
 
-    backbone_cfg = backbone_cfg or BackboneConfig()
-    data_cfg = (data_cfg or DataConfig()).model_copy(update={"shuffle_files": False})
     log = (lambda msg: print(f"featurize: {msg}", file=sys.stderr, flush=True)) if progress else (
         lambda msg: None)
     storage.check_access(data)
@@ -155,138 +260,96 @@ def featurize(data: str, out: str, backbone_cfg: BackboneConfig | None = None,
     all_shards = list_shards(data)
     if not all_shards:
         raise FileNotFoundError(f"no .tar or .parquet shards under {data}")
-    single = len(all_shards) == 1 and all_shards[0].rstrip("/") == str(data).rstrip("/")
-    outputs = {s: storage.join(out, _relative(s, str(data), single)) for s in all_shards}
-
-    manifest_uri = storage.join(out, MANIFEST)
-    manifest: dict[str, Any] = {}
-    if storage.exists(manifest_uri):
-        manifest = storage.read_json(manifest_uri)
-        old = manifest.get("backbone", {})
-        if old and old != backbone_cfg.model_dump(mode="json"):
-            raise ValueError(f"{out} holds features of another backbone ({old}); "
-                             f"use a new --out or remove it")
-    shards_info: dict[str, dict] = dict(manifest.get("shards", {}))
-    done = {s for s, info in shards_info.items()
-            if info.get("n_samples", 0) == 0 or storage.exists(info["output"])}
+    ids = shard_ids(all_shards, str(data))
+    backbone = backbone_cfg.model_dump(mode="json")
+    done = _done_records(out, set(all_shards), backbone)
     pending = [s for s in all_shards if s not in done]
     if max_shards is not None:
         pending = pending[:max_shards]
-    log(f"{len(all_shards)} shards under {data}; {len(all_shards) - len(pending)} already done, "
-        f"{len(pending)} to do")
-
-    ensure_ray()
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    # Logical CPUs reserved per actor (keep it below the cluster's total so the read and decode
-    # tasks can run beside it) and torch threads per actor (the physical cores it may use).
-    if actor_cpus is None:
-        actor_cpus = 1.0
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // max(num_actors, 1))
-    text_dim = manifest.get("text_dim")
-    image_dim = manifest.get("image_dim")
+    log(f"{len(all_shards)} shards under {data}; {len(done)} already done, {len(pending)} to do")
 
     t0 = time.time()
     n_new = 0
-    counter = SkipCounter.create()
     if pending:
-        pre = load_preprocessor(backbone_cfg)
-        ds = read_image_text(pending, data_cfg, pre, counter=counter)
+        ensure_ray()
+        if use_gpu is None:
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        # Logical CPUs reserved per actor and torch threads per actor (the cores it may use).
+        actor_cpus = 1.0 if actor_cpus is None else actor_cpus
+        if threads is None:
+            threads = max(1, (os.cpu_count() or 1) // max(num_actors, 1))
+        items = [{"shard": s, "shard_id": ids[s], "output": storage.join(out, ids[s] + ".parquet"),
+                  "record": storage.join(out, RECORDS, ids[s] + ".json")} for s in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        retry_shard_tasks(ds, storage_cfg)
         ds = ds.map_batches(
             Featurizer,
-            fn_constructor_kwargs={"backbone_cfg": backbone_cfg.model_dump(mode="json"),
-                                   "fp16": fp16, "threads": None if use_gpu else threads},
-            batch_size=batch_size, batch_format="numpy",
+            fn_constructor_kwargs={"backbone_cfg": backbone, "fp16": fp16,
+                                   "threads": None if use_gpu else threads,
+                                   "data_cfg": data_cfg.model_dump(mode="json"),
+                                   "storage_cfg": storage_cfg.model_dump(),
+                                   "batch_size": batch_size},
+            batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus)
-        buffers: dict[str, list] = {s: [] for s in pending}
-        received: dict[str, int] = {s: 0 for s in pending}
-        finished: set[str] = set()
-
-        def finish(shard: str, tally: dict) -> None:
-            nonlocal n_new, text_dim, image_dim
-            import pyarrow as pa
-
-            parts = buffers.pop(shard, [])
-            n = sum(t.num_rows for t in parts)
-            if n:
-                table = pa.concat_tables(parts).drop_columns(["shard"])
-                text_dim = table.schema.field("text_features").type.list_size
-                image_dim = table.schema.field("image_features").type.list_size
-                _write_table(outputs[shard], table)
-            n_new += n
-            shards_info[shard] = {"output": outputs[shard], "n_samples": n,
-                                  "skips": _nonzero(tally.get("skips", {}))}
-            finished.add(shard)
-            _write_manifest()
+            num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus,
+            # this job's S3 settings reach its actors even on a cluster started with others
+            runtime_env={"env_vars": storage.s3_env()} if storage.s3_env() else None)
+        for row in ds.iter_rows():
+            rec = json.loads(row["record"])
+            done[rec["shard"]] = {**rec, "record": storage.join(out, RECORDS, rec["shard_id"] + ".json")}
+            n_new += rec["n_samples"]
             rate = n_new / max(time.time() - t0, 1e-9)
-            log(f"{len(finished)}/{len(pending)} shards, {n_new} samples, {rate:.1f} samples/s "
-                f"({posixpath.basename(shard)}: {n} kept, "
-                f"{sum(tally.get('skips', {}).values())} skipped)")
-
-        def _write_manifest() -> None:
-            m = _manifest_dict(data, out, backbone_cfg, text_dim, image_dim, shards_info,
-                               all_shards)
-            storage.write_json(manifest_uri, m)
-
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if table.num_rows == 0:
-                continue
-            shards_col = table.column("shard").to_pylist()
-            for shard in set(shards_col):
-                mask = [s == shard for s in shards_col]
-                part = table.filter(mask) if len(set(shards_col)) > 1 else table
-                buffers[shard].append(part)
-                received[shard] += part.num_rows
-            tallies = counter.shards()
-            for shard in list(buffers):
-                st = tallies.get(shard)
-                if st and st["read"] >= 0 and received[shard] + st["dropped"] == st["read"]:
-                    finish(shard, st)
-        tallies = counter.shards()
-        for shard in list(buffers):
-            st = tallies.get(shard, {"read": received[shard], "dropped": 0, "skips": {}})
-            if st["read"] >= 0 and received[shard] + st["dropped"] != st["read"]:
-                log(f"warning: {shard}: {received[shard]} rows + {st['dropped']} dropped "
-                    f"!= {st['read']} read")
-            finish(shard, st)
-        counter.close()
-    if text_dim is None or image_dim is None:
-        text_dim, image_dim, _ = backbone_dims(backbone_cfg)
-    m = _manifest_dict(data, out, backbone_cfg, text_dim, image_dim, shards_info, all_shards)
+            log(f"{len(done)}/{len(all_shards)} shards, {n_new} new samples, {rate:.1f} samples/s "
+                f"({rec['shard_id']}: {rec['n_samples']} kept of {rec['read']} read, "
+                f"{sum(rec['skips'].values())} skipped)")
+    m = _manifest_dict(data, out, backbone_cfg, done, all_shards)
     m["last_run"] = {"shards": len(pending), "samples": n_new,
                      "seconds": round(time.time() - t0, 3),
                      "samples_per_s": round(n_new / max(time.time() - t0, 1e-9), 2)}
-    storage.write_json(manifest_uri, m)
+    if m["n_samples"] == 0 and len(done) == len(all_shards):
+        raise ValueError(f"no sample kept from the {len(all_shards)} shards under {data} "
+                         f"(skipped: {_summary(m['skips'])}); nothing written to {out}")
+    storage.write_json(storage.join(out, MANIFEST), m)
     log(f"done: {m['n_samples']} samples in {len(m['shards_done'])} shards; skipped: "
-        + (", ".join(f"{k}={v}" for k, v in m["skips"].items()) or "none"))
+        f"{_summary(m['skips'])}" + (f"; failed upstream downloads: {_summary(m['upstream'])}"
+                                     if m["upstream"] else ""))
     return m
 
 
-def _nonzero(d: dict) -> dict:
-    return {k: int(v) for k, v in sorted(d.items()) if v}
+def _summary(counts: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in counts.items()) or "none"
 
 
-def _manifest_dict(data, out, backbone_cfg, text_dim, image_dim, shards_info, all_shards) -> dict:
+def _manifest_dict(data: str, out: str, backbone_cfg: BackboneConfig, done: dict[str, dict],
+                   all_shards: list[str]) -> dict:
     totals: dict[str, int] = {}
-    for info in shards_info.values():
-        for k, v in info.get("skips", {}).items():
+    upstream: dict[str, int] = {}
+    for rec in done.values():
+        for k, v in rec.get("skips", {}).items():
             totals[k] = totals.get(k, 0) + int(v)
-    files = sorted(info["output"] for info in shards_info.values() if info.get("n_samples"))
+        for k, v in rec.get("upstream", {}).items():
+            upstream[k] = upstream.get(k, 0) + int(v)
+    dims = next(iter(done.values()), None)
+    if dims is None:
+        text_dim, image_dim, _ = backbone_dims(backbone_cfg)
+        dims = {"text_dim": text_dim, "image_dim": image_dim}
+    shards = {s: {k: rec[k] for k in ("output", "n_samples", "skips", "shard_id", "read",
+                                      "upstream", "record") if k in rec}
+              for s, rec in sorted(done.items())}
     return {
         "kind": "sdray.features",
         "data": str(data),
         "backbone": backbone_cfg.model_dump(mode="json"),
         "backbone_name": backbone_cfg.name,
-        "text_dim": text_dim,
-        "image_dim": image_dim,
-        "n_samples": int(sum(info.get("n_samples", 0) for info in shards_info.values())),
+        "text_dim": dims["text_dim"],
+        "image_dim": dims["image_dim"],
+        "n_samples": int(sum(rec["n_samples"] for rec in done.values())),
         "skips": dict(sorted(totals.items())),
-        "shards_done": sorted(shards_info),
+        "upstream": dict(sorted(upstream.items())),
+        "shards_done": sorted(done),
         "shards_total": len(all_shards),
-        "shards": shards_info,
-        "files": files,
+        "shards": shards,
+        "files": sorted(rec["output"] for rec in done.values() if rec["n_samples"]),
         "columns": list(FEATURE_COLUMNS),
     }
 
@@ -324,8 +387,11 @@ def main(args: argparse.Namespace) -> int:
         m = featurize(args.data, args.out, BackboneConfig(**fields), data_cfg,
                       batch_size=args.batch_size, num_actors=args.num_actors,
                       actor_cpus=args.actor_cpus, threads=args.threads, fp16=not args.no_fp16)
-    except (storage.StorageError, FileNotFoundError, ValueError) as err:
-        print(f"sdray featurize: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = storage.storage_fault(err)
+        if cause is None and not isinstance(err, (FileNotFoundError, ValueError)):
+            raise
+        print(f"sdray featurize: error: {cause or err}", file=sys.stderr)
         return 2
     summary = {k: m[k] for k in ("n_samples", "text_dim", "image_dim", "skips", "shards_total")}
     summary["shards_done"] = len(m["shards_done"])

@@ -13,8 +13,9 @@ per-setting values of Song et al. (CIKM 2025), from the authors' configs (DESIGN
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
@@ -149,6 +150,48 @@ class SelectionConfig(_Strict):
     metric: str = Field("rsum_sparse", description="rsum_dense | rsum_sparse | rsum_hybrid | t2i.sparse.R@1 ...")
     max_nnz: float | None = Field(256.0, gt=0.0, description="Budget on mean nnz per text and image.")
     patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
+
+
+class StorageConfig(_Strict):
+    """Retries and timeouts of object-storage calls (transient faults vs permanent ones).
+
+    Three layers, innermost first: botocore retries each S3 request (``retry_mode``,
+    ``max_attempts``: connection errors, timeouts, 5xx, throttling); s3fs repeats a call whose
+    response body was cut or timed out (``body_attempts``); a whole shard read that still fails is
+    retried ``shard_attempts`` times with exponential backoff and full jitter, then raises
+    :class:`sdray.storage.ShardStorageError` naming the shard, and Ray retries that task
+    ``task_retries`` times before the job fails. Not part of a model's saved config: deployments
+    set it per job (``SDRAY_STORAGE_<FIELD>`` environment variables, e.g.
+    ``SDRAY_STORAGE_MAX_ATTEMPTS=10``).
+    """
+
+    retry_mode: Literal["standard", "adaptive", "legacy"] = Field(
+        "standard", description="botocore retry mode ('adaptive' also rate-limits the client).")
+    max_attempts: int = Field(5, ge=1, le=50, description="botocore attempts per request, first included.")
+    connect_timeout_s: float = Field(5.0, gt=0.0, le=600.0)
+    read_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    body_attempts: int = Field(3, ge=1, le=20, description="s3fs attempts of a call whose response was cut.")
+    shard_attempts: int = Field(3, ge=1, le=20, description="Whole-shard reads before the task fails.")
+    backoff_s: float = Field(1.0, ge=0.0, le=600.0, description="First wait between shard attempts; doubles.")
+    backoff_max_s: float = Field(30.0, ge=0.0, le=3600.0)
+    task_retries: int = Field(2, ge=0, le=20, description="Ray retries of a shard task that failed on storage.")
+
+    ENV_PREFIX: ClassVar[str] = "SDRAY_STORAGE_"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "StorageConfig":
+        """Defaults overridden by ``SDRAY_STORAGE_<FIELD>`` variables (case-insensitive names)."""
+        env = os.environ if environ is None else environ
+        values = {name: env[cls.ENV_PREFIX + name.upper()] for name in cls.model_fields
+                  if cls.ENV_PREFIX + name.upper() in env}
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            raise ConfigError(f"storage settings from {cls.ENV_PREFIX}*: {err}") from err
+
+    def to_env(self) -> dict[str, str]:
+        """The ``SDRAY_STORAGE_*`` variables that reproduce this config (for Ray workers)."""
+        return {self.ENV_PREFIX + k.upper(): str(v) for k, v in self.model_dump().items()}
 
 
 class SdrayConfig(_Strict):

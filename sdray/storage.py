@@ -3,15 +3,30 @@
 S3 settings come from the standard AWS environment variables (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``) plus ``AWS_ENDPOINT_URL`` for an S3-compatible
 server (SeaweedFS, MinIO). Ray workers inherit them only if they are set before ``ray.init``.
+
+Transient faults (connection resets, timeouts, 5xx, throttling) are retried by botocore and s3fs
+as :class:`~sdray.config.StorageConfig` says (:func:`configure_retries`); a shard that still cannot
+be read after :func:`read_shard_bytes`'s own bounded attempts raises :class:`ShardStorageError`
+naming the shard, for the caller's task to fail (and Ray to retry it). Storage errors are never
+mistaken for bad data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from typing import Any
+import random
+import time
+from typing import Any, Callable, TypeVar
 
 import fsspec
+
+from sdray.config import StorageConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def is_remote(uri: str) -> bool:
@@ -23,7 +38,38 @@ class StorageError(OSError):
     """An object-store failure with a message that names the URI and the likely cause."""
 
 
+class ShardStorageError(StorageError):
+    """A shard that could not be read (or its output written) after every retry: a fault, not
+    bad data. Ray Data retries the task on it; when those retries run out too, the job fails
+    with this message, which names the shard and the cause."""
+
+
 _S3_OVERRIDES: dict[str, str] = {}
+_RETRIES: StorageConfig | None = None
+
+
+def retry_config() -> StorageConfig:
+    """The storage retry settings in effect (:func:`configure_retries`, else the environment)."""
+    global _RETRIES
+    if _RETRIES is None:
+        _RETRIES = StorageConfig.from_env()
+    return _RETRIES
+
+
+def configure_retries(cfg: StorageConfig | dict | None, export_env: bool = True) -> StorageConfig:
+    """Use ``cfg`` for every later storage call in this process (``None``: the environment's).
+
+    With ``export_env`` the settings are also written to ``os.environ`` (``SDRAY_STORAGE_*``) so
+    that Ray workers started afterwards, and :func:`s3_env`, carry them.
+    """
+    global _RETRIES
+    if cfg is None:
+        _RETRIES = StorageConfig.from_env()
+    else:
+        _RETRIES = cfg if isinstance(cfg, StorageConfig) else StorageConfig.model_validate(cfg)
+    if export_env:
+        os.environ.update(_RETRIES.to_env())
+    return _RETRIES
 
 
 def configure_s3(endpoint_url: str | None = None, access_key: str | None = None,
@@ -45,6 +91,36 @@ def configure_s3(endpoint_url: str | None = None, access_key: str | None = None,
             os.environ[key] = value
 
 
+@contextlib.contextmanager
+def retries(cfg: StorageConfig | None):
+    """Use ``cfg`` (if not ``None``) for storage calls in this process within the block."""
+    global _RETRIES
+    if cfg is None:
+        yield retry_config()
+        return
+    saved, _RETRIES = _RETRIES, cfg
+    try:
+        yield cfg
+    finally:
+        _RETRIES = saved
+
+
+def storage_fault(err: BaseException) -> StorageError | None:
+    """The :class:`StorageError` behind ``err`` (e.g. inside a Ray task error), or ``None``."""
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        inner = [e.__context__, e.__cause__, getattr(e, "cause", None)]   # popped last first
+        if isinstance(e, StorageError) and not any(isinstance(i, StorageError) for i in inner):
+            return e                # the innermost one, not a Ray wrapper that subclasses it
+        stack += inner
+    return None
+
+
 def _setting(key: str) -> str | None:
     return _S3_OVERRIDES.get(key) or os.environ.get(key)
 
@@ -53,7 +129,9 @@ def s3_env() -> dict[str, str]:
     """The AWS settings in effect, for ``ray.init(runtime_env={"env_vars": s3_env()})``."""
     keys = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
-    return {k: v for k in keys if (v := _setting(k))}
+    env = {k: v for k in keys if (v := _setting(k))}
+    env.update({k: v for k, v in os.environ.items() if k.startswith(StorageConfig.ENV_PREFIX)})
+    return env
 
 
 def _s3_options() -> dict[str, Any]:
@@ -68,6 +146,10 @@ def _s3_options() -> dict[str, Any]:
         opts["key"], opts["secret"] = key, secret
         if _setting("AWS_SESSION_TOKEN"):
             opts["token"] = _setting("AWS_SESSION_TOKEN")
+    cfg = retry_config()
+    opts["config_kwargs"] = {"retries": {"mode": cfg.retry_mode, "max_attempts": cfg.max_attempts},
+                             "connect_timeout": cfg.connect_timeout_s,
+                             "read_timeout": cfg.read_timeout_s}
     return opts
 
 
@@ -118,6 +200,7 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     uri = str(uri)
     if uri.startswith("s3://"):
         fs = fsspec.filesystem("s3", **_s3_options())
+        fs.retries = retry_config().body_attempts   # s3fs's own layer (cut bodies, timeouts)
         return fs, uri[len("s3://"):].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
@@ -170,6 +253,38 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     with open_uri(uri, "wb") as f:
         f.write(data)
+
+
+def call_with_retries(fn: Callable[[], T], what: str, cfg: StorageConfig | None = None) -> T:
+    """``fn()`` (storage I/O only), retried ``cfg.shard_attempts`` times with exponential backoff
+    and full jitter; :class:`ShardStorageError` naming ``what`` and the cause if every attempt
+    failed. A missing object or refused credentials are not transient: raised at once, unchanged.
+    """
+    cfg = cfg or retry_config()
+    last: BaseException | None = None
+    for attempt in range(cfg.shard_attempts):
+        if attempt:
+            wait = random.uniform(0.0, min(cfg.backoff_max_s, cfg.backoff_s * 2 ** (attempt - 1)))
+            log.warning("%s: attempt %d/%d failed (%s: %s); retrying in %.1fs", what, attempt,
+                        cfg.shard_attempts, type(last).__name__, last, wait)
+            time.sleep(wait)
+        try:
+            return fn()
+        except (PermissionError, FileNotFoundError):
+            raise
+        except Exception as err:  # I/O only: reset, timeout, 5xx, throttling, cut body
+            last = err
+    raise ShardStorageError(f"{what} failed after {cfg.shard_attempts} attempts "
+                            f"({type(last).__name__}: {last})") from last
+
+
+def read_shard_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+    """All bytes of the shard at ``uri`` (:func:`call_with_retries`); a missing or forbidden
+    shard raises :class:`ShardStorageError` too. Only I/O happens here, so any error is a fault."""
+    try:
+        return call_with_retries(lambda: read_bytes(uri), f"reading shard {uri}", cfg)
+    except (PermissionError, FileNotFoundError) as err:
+        raise ShardStorageError(f"reading shard {uri}: {explain_error(uri, err)}") from err
 
 
 def read_json(uri: str) -> Any:

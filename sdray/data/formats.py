@@ -2,11 +2,21 @@
 
 Pure Python (no Ray). A *raw sample* is a dict::
 
-    {"sample_id": str, "image_id": str, "caption": str, "image": bytes}
+    {"sample_id": str, "image_id": str, "caption": str, "image": bytes, "key": str,
+     "url": str | None}
 
-``sample_id`` is ``<shard name>/<key>`` (unique across a split), ``image_id`` comes from
-``KEY.json``/the ``image_id`` column or defaults to the SHA-1 of the image bytes.
-Parsers never raise on bad input: they count it in a :class:`SkipCounts` and go on.
+``sample_id`` is ``<shard id>/<key>``, where the shard id is the shard's path relative to the
+input root without its suffix (:func:`shard_id`: ``train/shard-00000``), so ids are unique across
+the whole input however the folders nest. ``image_id`` comes from ``KEY.json``/the ``image_id``
+column or defaults to the SHA-1 of the image bytes; ``url`` is img2dataset's source URL, if any.
+Parsers never raise on bad input: they count it in a :class:`SkipCounts` and go on. They parse
+bytes already read in full (``storage.read_shard_bytes``), so a parse error is bad data, never a
+storage fault.
+
+Both output formats of img2dataset are read: ``webdataset`` (``NNNNN.tar``, with a metadata
+``NNNNN.parquet`` and ``NNNNN_stats.json`` beside it: sidecars, see :func:`is_sidecar`) and
+``parquet`` (image bytes in a ``jpg``/``png``/``webp`` column, ``caption``, ``key``, ``url``,
+``status``; rows whose download failed are counted as ``download_failed``).
 """
 
 from __future__ import annotations
@@ -25,17 +35,42 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt",)
 META_EXTS = ("json",)
 KNOWN_EXTS = IMAGE_EXTS + TEXT_EXTS + META_EXTS
-# Sidecar files img2dataset writes next to its tars; they are not shards.
 SHARD_SUFFIXES = (".tar", ".parquet")
+# Image columns of a Parquet shard, in order of preference (``image``; img2dataset's encode format).
+IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
+STATS_SUFFIX = "_stats.json"     # img2dataset's per-shard download statistics
+
+
+def _strip_suffix(path: str) -> str:
+    for suf in SHARD_SUFFIXES:
+        if path.endswith(suf):
+            return path[: -len(suf)]
+    return path
 
 
 def shard_name(uri: str) -> str:
-    """``s3://b/x/00012.tar`` -> ``00012``."""
-    base = posixpath.basename(str(uri).rstrip("/"))
-    for suf in SHARD_SUFFIXES:
-        if base.endswith(suf):
-            return base[: -len(suf)]
-    return base
+    """``s3://b/x/00012.tar`` -> ``00012`` (the base name; not unique across folders)."""
+    return _strip_suffix(posixpath.basename(str(uri).rstrip("/")))
+
+
+def shard_id(uri: str, root: str | None = None) -> str:
+    """The shard's path under ``root`` without its suffix: ``ROOT/train/shard-00000.tar`` ->
+    ``train/shard-00000``; the base name when ``root`` is ``None`` or the shard itself."""
+    uri, base = str(uri).rstrip("/"), str(root or "").rstrip("/")
+    if not base or uri == base or not uri.startswith(base + "/"):
+        return shard_name(uri)
+    return _strip_suffix(uri[len(base) + 1:])
+
+
+def is_sidecar(uri: str, siblings: set[str]) -> bool:
+    """True for img2dataset's metadata ``NNNNN.parquet`` written beside ``NNNNN.tar``
+    (``siblings``: the other shard URIs listed with it)."""
+    return str(uri).endswith(".parquet") and _strip_suffix(str(uri)) + ".tar" in siblings
+
+
+def stats_uri(uri: str) -> str:
+    """Where img2dataset writes the download statistics of shard ``uri`` (``NNNNN_stats.json``)."""
+    return _strip_suffix(str(uri)) + STATS_SUFFIX
 
 
 def image_hash(data: bytes) -> str:
@@ -110,8 +145,9 @@ def _finish(shard: str, key: str, fields: dict[str, bytes], max_caption_bytes: i
         return None
     image_id = meta.get("image_id")
     image_id = str(image_id) if image_id not in (None, "") else image_hash(image)
+    url = meta.get("url")
     return {"sample_id": f"{shard}/{key}", "image_id": image_id, "caption": caption,
-            "image": image}
+            "image": image, "key": key, "url": str(url) if url not in (None, "") else None}
 
 
 def iter_tar_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
@@ -177,51 +213,72 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
 
 def iter_parquet_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
                          max_caption_bytes: int = 4096) -> Iterator[dict]:
-    """Raw samples from a Parquet shard with columns ``image`` (bytes) and ``caption``."""
+    """Raw samples from a Parquet shard: an image column (``image``, or img2dataset's ``jpg``/
+    ``png``/``webp``) and ``caption``; optional ``key``/``sample_id``, ``image_id``, ``url`` and
+    img2dataset's ``status`` (a row that is not ``success`` counts as ``download_failed``)."""
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(fileobj)
         names = set(pf.schema_arrow.names)
-    except Exception:
+    except Exception:  # the bytes were read in full: not a Parquet file
         counts.add(S.SHARD_UNREADABLE)
         return
-    if "image" not in names or "caption" not in names:
+    image_cols = [c for c in IMAGE_COLUMNS if c in names]
+    if not image_cols or "caption" not in names:
         counts.add(S.SHARD_UNREADABLE)
         return
-    cols = [c for c in ("image", "caption", "image_id", "key", "sample_id") if c in names]
+    optional = ("image_id", "key", "sample_id", "url", "status")
+    cols = image_cols + ["caption"] + [c for c in optional if c in names]
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=256, columns=cols):
             data = batch.to_pydict()
+            nothing = [None] * batch.num_rows
             for i in range(batch.num_rows):
-                key = data.get("sample_id", data.get("key", [None] * batch.num_rows))[i]
+                key = data.get("sample_id", data.get("key", nothing))[i]
                 key = str(key) if key not in (None, "") else f"{row:09d}"
                 row += 1
-                image = data["image"][i]
-                if image is None:
-                    counts.add(S.IMAGE_MISSING)
+                image = next((data[c][i] for c in image_cols if data[c][i] is not None), None)
+                status = data.get("status", nothing)[i]
+                if status not in (None, "success"):
+                    counts.add(S.DOWNLOAD_FAILED)
                     continue
-                if isinstance(image, str):
-                    image = image.encode("latin-1")
-                if len(image) == 0:
-                    counts.add(S.IMAGE_EMPTY)
-                    continue
-                caption = check_caption(data["caption"][i], max_caption_bytes, counts)
-                if caption is None:
-                    continue
-                iid = data.get("image_id", [None] * batch.num_rows)[i]
-                iid = str(iid) if iid not in (None, "") else image_hash(image)
-                yield {"sample_id": f"{shard}/{key}", "image_id": iid, "caption": caption,
-                       "image": bytes(image)}
-    except Exception:
+                sample = _parquet_sample(shard, key, image, data["caption"][i],
+                                         data.get("image_id", nothing)[i],
+                                         data.get("url", nothing)[i], max_caption_bytes, counts)
+                if sample is not None:
+                    yield sample
+    except Exception:  # a corrupt row group in bytes read in full
         counts.add(S.SHARD_TRUNCATED if row else S.SHARD_UNREADABLE)
 
 
+def _parquet_sample(shard: str, key: str, image: Any, raw_caption: Any, image_id: Any, url: Any,
+                    max_caption_bytes: int, counts: SkipCounts) -> dict | None:
+    if image is None:
+        counts.add(S.IMAGE_MISSING)
+        return None
+    if isinstance(image, str):
+        image = image.encode("latin-1")
+    if len(image) == 0:
+        counts.add(S.IMAGE_EMPTY)
+        return None
+    caption = check_caption(raw_caption, max_caption_bytes, counts)
+    if caption is None:
+        return None
+    image = bytes(image)
+    iid = str(image_id) if image_id not in (None, "") else image_hash(image)
+    return {"sample_id": f"{shard}/{key}", "image_id": iid, "caption": caption, "image": image,
+            "key": key, "url": str(url) if url not in (None, "") else None}
+
+
 def iter_shard_samples(fileobj: IO[bytes], uri: str, counts: SkipCounts,
-                       max_caption_bytes: int = 4096) -> Iterator[dict]:
-    """Dispatch on the shard's suffix (``.parquet`` -> Parquet, anything else -> tar)."""
-    name = shard_name(uri)
+                       max_caption_bytes: int = 4096, shard: str | None = None) -> Iterator[dict]:
+    """Dispatch on the shard's suffix (``.parquet`` -> Parquet, anything else -> tar).
+
+    ``shard``: the id that prefixes sample ids (:func:`shard_id`); default the base name.
+    """
+    name = shard if shard is not None else shard_name(uri)
     if str(uri).endswith(".parquet"):
         return iter_parquet_samples(fileobj, name, counts, max_caption_bytes)
     return iter_tar_samples(fileobj, name, counts, max_caption_bytes)

@@ -20,11 +20,12 @@ BAD_METADATA = "bad_metadata"                # KEY.json that is not a JSON objec
 DUPLICATE_KEY = "duplicate_key"              # a second sample with the same key in one shard
 SHARD_UNREADABLE = "shard_unreadable"        # a shard that cannot be opened or parsed at all
 SHARD_TRUNCATED = "shard_truncated"          # a tar that ends early (samples before it are kept)
+DOWNLOAD_FAILED = "download_failed"          # an img2dataset row whose download had failed upstream
 
 REASONS = (
     IMAGE_UNDECODABLE, IMAGE_TRUNCATED, IMAGE_TOO_LARGE, IMAGE_MISSING, IMAGE_EMPTY,
     CAPTION_MISSING, CAPTION_EMPTY, CAPTION_NOT_UTF8, CAPTION_TOO_LONG, STRAY_MEMBER,
-    BAD_METADATA, DUPLICATE_KEY, SHARD_UNREADABLE, SHARD_TRUNCATED,
+    BAD_METADATA, DUPLICATE_KEY, SHARD_UNREADABLE, SHARD_TRUNCATED, DOWNLOAD_FAILED,
 )
 # Reasons that count members/shards/notes rather than dropped samples.
 NOT_SAMPLES = (STRAY_MEMBER, BAD_METADATA, SHARD_UNREADABLE, SHARD_TRUNCATED)
