@@ -58,8 +58,8 @@ def feature_sources(uri: str) -> dict[str, str]:
     except Exception:
         return {}
     names: dict[str, list[str]] = {}
-    for raw in (m.get("shards") or {}) if isinstance(m, dict) else {}:
-        names.setdefault(shard_name(raw), []).append(raw)
+    for raw, info in ((m.get("shards") or {}) if isinstance(m, dict) else {}).items():
+        names.setdefault(info.get("shard_id") or shard_name(raw), []).append(raw)
     return {n: v[0] for n, v in names.items() if len(v) == 1}
 
 
@@ -266,7 +266,8 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: An
     """
     import ray
 
-    from pipelines.datasets import SkipCounter, ensure_ray, read_features, read_image_text
+    from pipelines.datasets import (SkipCounter, ensure_ray, read_features, read_image_text,
+                                    split_sample_id)
     from sdray.evaluation import fusion_params
     from sdray.index import IndexConfig, manifest as mf, shard_of
     from sdray.model import RetrievalModel
@@ -326,7 +327,7 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: An
     img_rep: list[str] = []      # representative sample_id
     cap_rep: list[str] = []
     for sid, iid, cap in rows:
-        name, _, key = sid.partition("/")
+        name, key = split_sample_id(sid, sources)
         if features:
             raw = sources.get(name)
             uri = f"{raw}#{key}" if raw and key else None
@@ -343,7 +344,7 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: An
     if not features:
         shard_uri = _raw_shard_uris(corpus)
         def raw_uri(sid: str) -> str | None:
-            name, _, key = sid.partition("/")
+            name, key = split_sample_id(sid, shard_uri)
             base = shard_uri.get(name)
             return f"{base}#{key}" if base and key else None
         img_meta = [(a, b, c, raw_uri(s)) for (a, b, c, _), s in zip(img_meta, img_rep)]
@@ -458,10 +459,9 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: An
 
 
 def _raw_shard_uris(corpus: str) -> dict[str, str]:
-    from pipelines.datasets import list_shards
-    from sdray.data.formats import shard_name
+    from pipelines.datasets import list_shards, shard_ids
 
-    return {shard_name(u): u for u in list_shards(corpus)}
+    return {sid: u for u, sid in shard_ids(list_shards(corpus), corpus).items()}
 
 
 # ----------------------------------------------------------------------------- CLI

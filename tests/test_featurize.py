@@ -28,20 +28,20 @@ def _write_mixed(root: str) -> tuple[dict[str, int], set[str], int]:
     valid = set()
     for uri in meta["splits"]["train"]["shards"]:
         with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tf:
-            valid |= {f"{uri.rsplit('/', 1)[1][:-4]}/{m.name.split('.')[0]}" for m in tf}
+            valid |= {f"gen/train/{uri.rsplit('/', 1)[1][:-4]}/{m.name.split('.')[0]}" for m in tf}
     _, expected, good = F.mixed_samples()
     storage.write_bytes(storage.join(root, "bad", "mixed.tar"), F.mixed_tar())
-    valid |= {f"mixed/{k}" for k in good}
+    valid |= {f"bad/mixed/{k}" for k in good}
     storage.write_bytes(storage.join(root, "bad", "unreadable.tar"), b"\x00garbage" * 300)
     whole = F.img2dataset_tar(6, start=100)
     cut = tarfile.open(fileobj=io.BytesIO(whole)).getmembers()[10].offset_data + 5
     storage.write_bytes(storage.join(root, "bad", "cut.tar"), whole[:cut])
-    valid |= {f"cut/{i:09d}" for i in range(100, 103)}
+    valid |= {f"bad/cut/{i:09d}" for i in range(100, 103)}
     storage.write_bytes(storage.join(root, "web", "00000.tar"), F.img2dataset_tar(4))
-    valid |= {f"00000/{i:09d}" for i in range(4)}
+    valid |= {f"web/00000/{i:09d}" for i in range(4)}
     pq_bytes, pq_expected, pq_good = F.mixed_parquet()
     storage.write_bytes(storage.join(root, "pq", "part-0.parquet"), pq_bytes)
-    valid |= {f"part-0/{k}" for k in pq_good}
+    valid |= {f"pq/part-0/{k}" for k in pq_good}
     counts = dict(expected)
     for k, v in pq_expected.items():
         counts[k] = counts.get(k, 0) + v
@@ -81,6 +81,10 @@ def test_featurize_local_counts_skips_and_resumes(ray_session, tmp_path):
     assert storage.read_json(storage.join(out, "manifest.json"))["skips"] == counts
     _check_output(out, m, valid)
     assert storage.exists(storage.join(out, "gen", "train", "shard-00000.parquet"))
+    # one small record per finished shard, written beside the outputs
+    assert len(storage.list_files(storage.join(out, "_shards"), (".json",))) == 7
+    urls = pq.read_table(storage.join(out, "web", "00000.parquet")).column("url").to_pylist()
+    assert urls == [f"http://example.com/{i}.jpg" for i in range(4)]
     # re-run: nothing to do
     m2 = featurize(root, out, BACKBONE, progress=False)
     assert m2["last_run"]["shards"] == 0 and m2["n_samples"] == n and m2["skips"] == counts
@@ -94,6 +98,13 @@ def test_featurize_local_counts_skips_and_resumes(ray_session, tmp_path):
     from pipelines.datasets import read_features
 
     assert read_features(out).count() == n
+    # non-empty input of which nothing is kept: an error, not an empty success
+    junk = str(tmp_path / "junk")
+    storage.write_bytes(storage.join(junk, "a.tar"), b"\x00garbage" * 300)
+    storage.write_bytes(storage.join(junk, "b.parquet"), b"not parquet")
+    with pytest.raises(ValueError, match="no sample kept from the 2 shards"):
+        featurize(junk, str(tmp_path / "none"), BACKBONE, progress=False)
+    assert not storage.exists(str(tmp_path / "none" / "manifest.json"))
 
 
 def test_synth_then_featurize_through_s3(ray_session, s3_server, tmp_path, capsys):
