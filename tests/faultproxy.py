@@ -8,6 +8,7 @@ Usage::
         proxy.stall(2)              # the next 2 connections are accepted and never answered
         proxy.down()                # refuse every connection (the store is "stopped") ...
         proxy.up()                  # ... until it is back
+        proxy.when(lambda: done_once(), proxy.down)    # a fault mid-run, once a condition holds
 
 Faults apply to new connections; starting one also resets the connections open at that moment,
 so clients with pooled keep-alive connections meet it on their next request. Counters of what
@@ -21,6 +22,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Callable
 
 _SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
              b"Content-Length: %d\r\n\r\n%s")
@@ -98,6 +100,21 @@ class FaultProxy:
         with self._lock:
             self._down = False
         self._listen()
+
+    def when(self, condition: Callable[[], bool], action: Callable[[], None],
+             timeout: float = 300.0, poll: float = 0.1) -> threading.Thread:
+        """Run ``action`` (e.g. a burst of faults) once ``condition()`` holds, e.g. mid-run."""
+        def watch():
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not self._stop.is_set():
+                if condition():
+                    action()
+                    return
+                time.sleep(poll)
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        return t
 
     def clear(self) -> None:
         with self._lock:

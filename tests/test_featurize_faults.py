@@ -6,7 +6,6 @@ nothing duplicated."""
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import pyarrow.parquet as pq
@@ -53,28 +52,21 @@ def _ids(out: str) -> list[str]:
             .column("sample_id").to_pylist()]
 
 
-def _when_first_record(s3_server, out: str, action) -> threading.Thread:
-    """Run ``action`` once the first shard record exists (mid-run), checked on the real server."""
-    records = storage.join(out, "_shards")
+def first_record_written(endpoint: str, out: str):
+    """A condition for :meth:`FaultProxy.when`: some shard record of ``out`` exists, checked on
+    the real server (not through the proxy)."""
+    import s3fs
 
-    def watch():
-        import s3fs
+    opts = storage._s3_options()
+    fs = s3fs.S3FileSystem(key=opts.get("key"), secret=opts.get("secret"),
+                           client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    records = storage.join(out, "_shards")[len("s3://"):]
 
-        fs = s3fs.S3FileSystem(**{k: v for k, v in storage._s3_options().items()
-                                  if k in ("key", "secret")},
-                               client_kwargs={"endpoint_url": s3_server.endpoint},
-                               skip_instance_cache=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            fs.invalidate_cache()
-            if fs.exists(records[len("s3://"):]) and fs.find(records[len("s3://"):]):
-                action()
-                return
-            time.sleep(0.1)
+    def written() -> bool:
+        fs.invalidate_cache()
+        return bool(fs.exists(records) and fs.find(records))
 
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    return t
+    return written
 
 
 def test_featurize_faults(ray_session, s3_server, corpus, monkeypatch, capsys):
@@ -95,7 +87,7 @@ def test_featurize_faults(ray_session, s3_server, corpus, monkeypatch, capsys):
             proxy.stall(2)
             proxy.answer_503(1.0)
 
-        watcher = _when_first_record(s3_server, burst, faults)
+        watcher = proxy.when(first_record_written(s3_server.endpoint, burst), faults)
         rc, err, t_burst = _run(corpus, burst, capsys)
         watcher.join(5)
         assert rc == 0, err
@@ -105,7 +97,7 @@ def test_featurize_faults(ray_session, s3_server, corpus, monkeypatch, capsys):
 
         # the store goes away for longer than the retry budget: the job fails, naming the shard
         down = s3_server.uri("faults", "down")
-        watcher = _when_first_record(s3_server, down, proxy.down)
+        watcher = proxy.when(first_record_written(s3_server.endpoint, down), proxy.down)
         rc, err, t_down = _run(corpus, down, capsys)
         watcher.join(5)
         assert rc == 2
