@@ -118,6 +118,11 @@ def storage_fault(err: BaseException) -> StorageError | None:
         if isinstance(e, StorageError) and not any(isinstance(i, StorageError) for i in inner):
             return e                # the innermost one, not a Ray wrapper that subclasses it
         stack += inner
+    # across processes the chain may survive only as text (a Ray task's traceback)
+    for line in reversed(str(err).splitlines()):
+        _, found, message = line.partition(f"{ShardStorageError.__name__}: ")
+        if found:
+            return ShardStorageError(message.strip())
     return None
 
 

@@ -93,3 +93,19 @@ def test_a_missing_shard_is_a_fault(tmp_path):
 
     with pytest.raises(storage.ShardStorageError, match="gone.tar"):
         read_shard_rows(str(tmp_path / "gone.tar"), SkipCounts(), 4096)
+
+
+def test_storage_fault_is_found_behind_wrappers():
+    inner = storage.ShardStorageError("reading shard s3://b/x/00001.tar failed after 3 attempts")
+    try:
+        try:
+            raise inner
+        except storage.ShardStorageError as err:
+            raise RuntimeError("UDF failed to process a data block") from err
+    except RuntimeError as outer:
+        assert storage.storage_fault(outer) is inner
+    text = RuntimeError("Traceback ...\nsdray.storage.ShardStorageError: reading shard s3://b/y.tar "
+                        "failed after 2 attempts (EndpointConnectionError: refused)")
+    found = storage.storage_fault(text)
+    assert isinstance(found, storage.ShardStorageError) and str(found).startswith("reading shard s3://b/y.tar")
+    assert storage.storage_fault(ValueError("no sample kept")) is None
