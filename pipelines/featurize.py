@@ -309,7 +309,8 @@ def _featurize(data: str, out: str, backbone_cfg: BackboneConfig, data_cfg: Data
     if m["n_samples"] == 0 and len(done) == len(all_shards):
         raise ValueError(f"no sample kept from the {len(all_shards)} shards under {data} "
                          f"(skipped: {_summary(m['skips'])}); nothing written to {out}")
-    storage.write_json(storage.join(out, MANIFEST), m)
+    storage.call_with_retries(lambda: storage.write_json(storage.join(out, MANIFEST), m),
+                              f"writing {storage.join(out, MANIFEST)}", storage_cfg)
     log(f"done: {m['n_samples']} samples in {len(m['shards_done'])} shards; skipped: "
         f"{_summary(m['skips'])}" + (f"; failed upstream downloads: {_summary(m['upstream'])}"
                                      if m["upstream"] else ""))
