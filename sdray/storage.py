@@ -256,6 +256,13 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri``. On S3 one ``put_object`` with the bytes as body: a file-like
+    body would make botocore send ``Expect: 100-continue``, whose wait has no timeout, so a
+    stalled server would hang the write forever instead of timing out (``read_timeout_s``)."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        fs.pipe_file(path, bytes(data))
+        return
     with open_uri(uri, "wb") as f:
         f.write(data)
 
