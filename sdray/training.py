@@ -47,8 +47,8 @@ from safetensors.torch import load_file, save_file
 from sdray import config as config_lib
 from sdray.config import SdrayConfig
 from sdray.heads import RetrieverHeads
-from sdray.losses import ExpansionControl, build_loss, positive_mask
-from sdray.losses.targets import ids_to_tensor, multi_positive_cross_entropy, score_matrix, soft_cross_entropy
+from sdray.losses import Columns, ExpansionControl, build_loss, positive_mask
+from sdray.losses.targets import ids_to_tensor, score_matrix
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -329,22 +329,7 @@ def lr_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# the per-method loss on a (possibly distributed) batch
-
-
-def _nce_rows(s_i2t: torch.Tensor, s_t2i: torch.Tensor, pos_rows: torch.Tensor | None) -> torch.Tensor:
-    """Symmetric InfoNCE over this rank's rows: ½(CE_i2t + CE_t2i)."""
-    return 0.5 * (multi_positive_cross_entropy(s_i2t, pos_rows) + multi_positive_cross_entropy(s_t2i, pos_rows))
-
-
-def _kd_rows(t_i2t, t_t2i, s_i2t, s_t2i, detach: bool, orientation: str) -> torch.Tensor:
-    """Symmetric KD(teacher→student) over this rank's rows (see ``losses.targets.distillation``)."""
-    if detach:
-        t_i2t, t_t2i = t_i2t.detach(), t_t2i.detach()
-    p_i2t = torch.softmax(t_i2t, dim=1)
-    # "official": the text->image teacher is the un-transposed i2t row of the same sample.
-    p_t2i = torch.softmax(t_t2i, dim=1) if orientation == "correct" else p_i2t
-    return 0.5 * (soft_cross_entropy(s_i2t, p_i2t) + soft_cross_entropy(s_t2i, p_t2i))
+# the per-method loss on a (possibly distributed) batch: the sdray.losses modules
 
 
 class Trainer:
@@ -405,6 +390,8 @@ class Trainer:
                                            weight_decay=cfg.optim.weight_decay)
         self.amp = bool(cfg.optim.amp and self.device.type == "cuda")
         self.fast = fast_kernels
+        if fast_kernels and self.method != "dense":
+            self.loss_module.sparse_scorer = lambda a, b: sparse_scores(a, b, fast=True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
     # ---- loss -------------------------------------------------------------------------------
@@ -412,7 +399,7 @@ class Trainer:
     def compute_loss(self, batch: FeatureBatch, step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's loss on ``batch`` (its mean over ranks is the global-batch loss)."""
         step = self.step if step is None else step
-        heads, lc = self.heads, self.cfg.loss
+        heads = self.heads
         rank, world = dist_info()
         b = len(batch)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
@@ -438,65 +425,34 @@ class Trainer:
                 mask = self.expansion(batch.input_ids, step, batch.attention_mask, generator=self.generator)
                 z_txt = z_txt * mask.to(z_txt.dtype)
 
-        # targets: multi-positive mask rows of this rank
-        pos_rows = None
+        # targets: the gathered batch's multi-positive mask (the loss cuts out this rank's rows)
+        pos = None
         if self.method != "d2s":
-            all_ids = gather_no_grad(batch.image_ids)
-            all_caps = gather_no_grad(batch.caption_ids)
-            pos_rows = positive_mask(all_ids, all_caps)[rank * b : (rank + 1) * b]
-        d_txt_all, d_img_all = gather_with_grad(d_txt), gather_with_grad(d_img)
-        s_dense_i2t = score_matrix(d_img, d_txt_all) / tau
-        # one process: the t2i rows are the transposed i2t matrix (no second matmul)
-        s_dense_t2i = s_dense_i2t.T if world == 1 else score_matrix(d_txt, d_img_all) / tau
-
-        if self.method == "dense":
-            loss = _nce_rows(s_dense_i2t, s_dense_t2i, pos_rows)
-            logs["dense_nce"] = loss.detach()
-            logs["loss"] = loss.detach()
-            return loss, self._reduce_logs(logs)
-
-        mode = self.cfg.optim.sparse_gather
-        z_txt_all, info_t = gather_sparse(z_txt, mode)
-        z_img_all, info_i = gather_sparse(z_img, mode)
-        s_sparse_i2t = sparse_scores(z_img, z_txt_all, self.fast)
-        s_sparse_t2i = s_sparse_i2t.T if world == 1 else sparse_scores(z_txt, z_img_all, self.fast)
-        reg_kind = lc.regularizer
+            pos = positive_mask(gather_no_grad(batch.image_ids), gather_no_grad(batch.caption_ids))
+        columns, info = None, {}
+        if world > 1:
+            z_txt_all = z_img_all = None
+            if z_txt is not None:
+                mode = self.cfg.optim.sparse_gather
+                z_txt_all, info_t = gather_sparse(z_txt, mode)
+                z_img_all, info_i = gather_sparse(z_img, mode)
+                info = {"gather_k": max(info_t["gather_k"], info_i["gather_k"])}
+            columns = Columns(gather_with_grad(d_img), gather_with_grad(d_txt), z_img_all, z_txt_all,
+                              offset=rank * b)
         lm = self.loss_module
-        # FLOPS is not a per-row mean: compute it on the gathered vectors (identical on each rank).
-        reg_txt_in, reg_img_in = (z_txt_all, z_img_all) if reg_kind == "flops" else (z_txt, z_img)
-        reg_text = lm.text_reg(reg_txt_in, step)
-        reg_image = lm.image_reg(reg_img_in, step)
-        reg = 0.5 * (reg_text + reg_image)
-
-        if self.method == "d2s":
-            with torch.no_grad():
-                p_i2t = torch.softmax(s_dense_i2t.detach(), dim=1)
-                p_t2i = torch.softmax(s_dense_t2i.detach(), dim=1)
-            distill = 0.5 * (soft_cross_entropy(s_sparse_i2t, p_i2t) + soft_cross_entropy(s_sparse_t2i, p_t2i))
-            loss = distill + reg
-            logs.update(distill=distill.detach())
+        if self.method == "dense":
+            loss, terms = lm.terms(d_img, d_txt, tau, pos, columns=columns)
+        elif self.method == "d2s":
+            loss, terms = lm.terms(d_img, d_txt, z_img, z_txt, tau, step=step, columns=columns)
         else:
-            s_int_i2t = lm.w1 * s_dense_i2t + lm.w2 * s_sparse_i2t
-            s_int_t2i = lm.w1 * s_dense_t2i + lm.w2 * s_sparse_t2i
-            dense_nce = _nce_rows(s_dense_i2t, s_dense_t2i, pos_rows)
-            sparse_nce = _nce_rows(s_sparse_i2t, s_sparse_t2i, pos_rows)
-            int_nce = _nce_rows(s_int_i2t, s_int_t2i, pos_rows)
-            kd = dict(detach=lm.detach_teacher, orientation=lm.teacher_orientation)
-            kd_dense = _kd_rows(s_int_i2t, s_int_t2i, s_dense_i2t, s_dense_t2i, **kd)
-            kd_sparse = _kd_rows(s_int_i2t, s_int_t2i, s_sparse_i2t, s_sparse_t2i, **kd)
-            big_l = lm.lambda1 * dense_nce + lm.lambda2 * sparse_nce + int_nce
-            big_lp = lm.lambda1 * kd_dense + lm.lambda2 * kd_sparse
-            relevance = lm.relevance_scale * (big_l + big_lp)
-            loss = relevance + reg
-            logs.update(dense_nce=dense_nce.detach(), sparse_nce=sparse_nce.detach(),
-                        int_nce=int_nce.detach(), kd_dense=kd_dense.detach(),
-                        kd_sparse=kd_sparse.detach(), relevance=relevance.detach())
-        logs.update(loss=loss.detach(), reg=reg.detach(), reg_text=reg_text.detach(),
-                    reg_image=reg_image.detach(),
-                    nnz_text=(z_txt.detach() != 0).sum(1).float().mean(),
-                    nnz_image=(z_img.detach() != 0).sum(1).float().mean())
-        if "gather_k" in info_t:
-            logs["gather_k"] = torch.tensor(max(info_t["gather_k"], info_i["gather_k"]))
+            loss, terms = lm.terms(d_img, d_txt, z_img, z_txt, tau, pos, step=step, columns=columns)
+        logs.update({k: v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                     for k, v in terms.items()})
+        if z_txt is not None:
+            logs.update(nnz_text=(z_txt.detach() != 0).sum(1).float().mean(),
+                        nnz_image=(z_img.detach() != 0).sum(1).float().mean())
+        if "gather_k" in info:
+            logs["gather_k"] = torch.tensor(info["gather_k"])
         return loss, self._reduce_logs(logs)
 
     def _reduce_logs(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

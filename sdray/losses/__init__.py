@@ -7,6 +7,8 @@ Conventions shared by every loss:
   ``temperature`` is τ itself (scores are divided by it);
 * targets are a boolean positive mask ``pos (B_i, B_t)`` (:func:`positive_mask`), ``None`` for
   the diagonal; multi-positive rows use a uniform soft target (see :mod:`.targets`);
+* in a distributed step the inputs are a rank's rows and ``columns`` (:class:`Columns`) holds
+  every rank's vectors; :class:`sdray.training.Trainer` calls these modules (see :mod:`.columns`);
 * ``forward`` returns ``(loss, logs)``: a scalar tensor and a ``dict[str, float]`` of components.
 
 Modules: :class:`DenseContrastiveLoss` (``dense``), :class:`JointSelfDistillationLoss`
@@ -16,6 +18,7 @@ Modules: :class:`DenseContrastiveLoss` (``dense``), :class:`JointSelfDistillatio
 
 from __future__ import annotations
 
+from .columns import Columns, directions, row_targets
 from .contrastive import DenseContrastiveLoss
 from .d2s import D2SLoss
 from .expansion import ExpansionControl, token_support_mask
@@ -24,6 +27,8 @@ from .regularizers import FlopsRegularizer, L1Regularizer, build_regularizer, qu
 from .targets import (
     distillation,
     info_nce,
+    kd_rows,
+    nce_rows,
     multi_positive_cross_entropy,
     positive_mask,
     score_matrix,
@@ -47,6 +52,11 @@ __all__ = [
     "multi_positive_cross_entropy",
     "soft_cross_entropy",
     "token_support_mask",
+    "Columns",
+    "directions",
+    "row_targets",
+    "nce_rows",
+    "kd_rows",
 ]
 
 

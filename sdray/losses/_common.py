@@ -54,3 +54,10 @@ def to_floats(items: dict[str, Tensor | float]) -> dict[str, float]:
         ).cpu().tolist()
         out.update(zip(keys, vals))
     return out
+
+
+def regularizer_input(reg, rows: Tensor, cols: Tensor | None) -> Tensor:
+    """What a regulariser sees in a (distributed) step: the rank's rows for a per-row penalty
+    (L1: the mean over ranks is the batch mean), every rank's vectors for a batch-level one
+    (FLOPS: the same value on every rank)."""
+    return rows if reg.per_row or cols is None else cols

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import as_temperature, check_pair, check_pos, to_floats
-from .targets import info_nce, score_matrix
+from ._common import as_temperature, check_pair, to_floats
+from .columns import Columns, directions, row_targets
+from .targets import nce_rows
 
 __all__ = ["DenseContrastiveLoss"]
 
@@ -26,9 +27,14 @@ class DenseContrastiveLoss(nn.Module):
     Inputs must already be L2-normalised; ``temperature`` is the learnable ``τ`` itself (clamp
     it in the model, DESIGN.md §1: init 0.07, range [0.001, 0.5]).
 
+    Distributed step: ``columns`` (:class:`~sdray.losses.columns.Columns`) holds every rank's
+    embeddings; the inputs are then this rank's rows, ``pos`` the gathered batch's mask, and the
+    loss a mean over this rank's rows (its mean over ranks is the whole batch's loss).
+
     Shapes:
         ``img_dense (B_i, D)``, ``txt_dense (B_t, D)``, ``temperature ()``,
-        ``pos (B_i, B_t)`` bool or ``None`` → ``(loss (), logs dict[str, float])``.
+        ``pos (B_i, B_t)`` (``(N_i, N_t)`` with ``columns``) bool or ``None`` →
+        ``(loss (), logs dict[str, float])``; :meth:`terms` returns the logs as tensors.
 
     Example::
 
@@ -44,10 +50,25 @@ class DenseContrastiveLoss(nn.Module):
         txt_dense: Tensor,
         temperature: Tensor | float,
         pos: Tensor | None = None,
+        columns: Columns | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
+        loss, logs = self.terms(img_dense, txt_dense, temperature, pos, columns)
+        return loss, to_floats(logs)
+
+    def terms(
+        self,
+        img_dense: Tensor,
+        txt_dense: Tensor,
+        temperature: Tensor | float,
+        pos: Tensor | None = None,
+        columns: Columns | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`forward` with the logged components as detached tensors (no host sync)."""
         check_pair("dense", img_dense, txt_dense)
-        pos = check_pos(pos, img_dense.shape[0], txt_dense.shape[0])
+        pos_i2t, pos_t2i = row_targets(pos, columns, img_dense.shape[0], txt_dense.shape[0])
         tau = as_temperature(temperature, img_dense)
-        s_dense = score_matrix(img_dense, txt_dense) / tau
-        loss = info_nce(s_dense, pos)
-        return loss, to_floats({"loss": loss, "dense_nce": loss, "temperature": tau})
+        img_cols = None if columns is None else columns.img_dense
+        txt_cols = None if columns is None else columns.txt_dense
+        s_i2t, s_t2i = directions(img_dense, txt_dense, img_cols, txt_cols)
+        loss = nce_rows(s_i2t / tau, s_t2i / tau, pos_i2t, pos_t2i)
+        return loss, {"loss": loss.detach(), "dense_nce": loss.detach(), "temperature": tau.detach()}

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import apply_txt_mask, as_temperature, check_pair, to_floats
+from ._common import apply_txt_mask, as_temperature, check_pair, regularizer_input, to_floats
+from .columns import Columns, directions
 from .regularizers import build_regularizer
 from .targets import score_matrix, soft_cross_entropy
 
@@ -46,13 +47,17 @@ class D2SLoss(nn.Module):
         warmup_fraction: regulariser warm-up fraction (default 0.2).
         regularizer: ``"l1"`` (D2S) or ``"flops"``.
 
+    Distributed step: with ``columns`` (:class:`~sdray.losses.columns.Columns`, every rank's
+    dense and sparse vectors, the captions' already masked) the inputs are this rank's rows and
+    the loss is a mean over them; L1 is applied to the rows, FLOPS to the gathered vectors.
+
     Shapes:
         ``img_dense (B_i, D)``, ``txt_dense (B_t, D)`` (L2-normalised teacher embeddings),
         ``img_sparse (B_i, V)``, ``txt_sparse (B_t, V)``, ``temperature ()`` (the dense
         model's τ), ``txt_mask (B_t, V)`` or ``None``, ``step`` int →
         ``(loss (), logs dict[str, float])``. Logged: ``loss``, ``distill``, ``distill_i2t``,
         ``distill_t2i``, ``reg``, ``reg_text``, ``reg_image``, ``reg_weight_text``,
-        ``reg_weight_image``.
+        ``reg_weight_image``; :meth:`terms` returns them as tensors.
 
     Example::
 
@@ -76,6 +81,9 @@ class D2SLoss(nn.Module):
         self.text_reg = build_regularizer(regularizer, q_reg, total_steps, warmup_fraction)
         self.image_reg = build_regularizer(regularizer, d_reg, total_steps, warmup_fraction)
 
+    #: ``(a, b) -> a @ b.T`` for the sparse scores (the Trainer may swap in sparse kernels)
+    sparse_scorer = staticmethod(score_matrix)
+
     def forward(
         self,
         img_dense: Tensor,
@@ -85,36 +93,68 @@ class D2SLoss(nn.Module):
         temperature: Tensor | float,
         txt_mask: Tensor | None = None,
         step: int | None = None,
+        columns: Columns | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
+        loss, logs = self.terms(
+            img_dense, txt_dense, img_sparse, txt_sparse, temperature, txt_mask, step, columns
+        )
+        return loss, to_floats(logs)
+
+    def terms(
+        self,
+        img_dense: Tensor,
+        txt_dense: Tensor,
+        img_sparse: Tensor,
+        txt_sparse: Tensor,
+        temperature: Tensor | float,
+        txt_mask: Tensor | None = None,
+        step: int | None = None,
+        columns: Columns | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """:meth:`forward` with the logged components as detached tensors (no host sync)."""
         check_pair("dense", img_dense, txt_dense)
         check_pair("sparse", img_sparse, txt_sparse)
         if img_sparse.shape[0] != img_dense.shape[0] or txt_sparse.shape[0] != txt_dense.shape[0]:
             raise ValueError("dense and sparse batches differ in size")
         txt_sparse = apply_txt_mask(txt_sparse, txt_mask)
+        c = columns
         with torch.no_grad():
             tau = as_temperature(temperature, img_dense).detach()
-            s_teacher = score_matrix(img_dense.detach(), txt_dense.detach()) / tau
-            p_i2t = F.softmax(s_teacher, dim=1)
-            p_t2i = F.softmax(s_teacher.T, dim=1)
-        s_sparse = score_matrix(img_sparse, txt_sparse)
-        distill_i2t = soft_cross_entropy(s_sparse, p_i2t.to(s_sparse.dtype))
-        distill_t2i = soft_cross_entropy(s_sparse.T, p_t2i.to(s_sparse.dtype))
+            t_i2t, t_t2i = directions(
+                img_dense.detach(),
+                txt_dense.detach(),
+                None if c is None else c.img_dense.detach(),
+                None if c is None else c.txt_dense.detach(),
+            )
+            p_i2t = F.softmax(t_i2t / tau, dim=1)
+            p_t2i = F.softmax(t_t2i / tau, dim=1)
+        s_i2t, s_t2i = directions(
+            img_sparse,
+            txt_sparse,
+            None if c is None else c.img_sparse,
+            None if c is None else c.txt_sparse,
+            self.sparse_scorer,
+        )
+        distill_i2t = soft_cross_entropy(s_i2t, p_i2t.to(s_i2t.dtype))
+        distill_t2i = soft_cross_entropy(s_t2i, p_t2i.to(s_t2i.dtype))
         distill = 0.5 * (distill_i2t + distill_t2i)
-        reg_text = self.text_reg(txt_sparse, step)
-        reg_image = self.image_reg(img_sparse, step)
+        reg_text = self.text_reg(
+            regularizer_input(self.text_reg, txt_sparse, None if c is None else c.txt_sparse), step
+        )
+        reg_image = self.image_reg(
+            regularizer_input(self.image_reg, img_sparse, None if c is None else c.img_sparse), step
+        )
         reg = 0.5 * (reg_text + reg_image)
         loss = distill + reg
-        logs = to_floats(
-            {
-                "loss": loss,
-                "distill": distill,
-                "distill_i2t": distill_i2t,
-                "distill_t2i": distill_t2i,
-                "reg": reg,
-                "reg_text": reg_text,
-                "reg_image": reg_image,
-                "reg_weight_text": self.text_reg.weight_at(step),
-                "reg_weight_image": self.image_reg.weight_at(step),
-            }
-        )
-        return loss, logs
+        logs = {
+            "loss": loss,
+            "distill": distill,
+            "distill_i2t": distill_i2t,
+            "distill_t2i": distill_t2i,
+            "reg": reg,
+            "reg_text": reg_text,
+            "reg_image": reg_image,
+            "reg_weight_text": self.text_reg.weight_at(step),
+            "reg_weight_image": self.image_reg.weight_at(step),
+        }
+        return loss, {k: v.detach() if isinstance(v, Tensor) else v for k, v in logs.items()}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import apply_txt_mask, as_temperature, check_pair, check_pos, to_floats
+from ._common import apply_txt_mask, as_temperature, check_pair, regularizer_input, to_floats
+from .columns import Columns, directions, row_targets
 from .regularizers import build_regularizer
-from .targets import distillation, info_nce, score_matrix
+from .targets import kd_rows, nce_rows, score_matrix
 
 __all__ = ["JointSelfDistillationLoss"]
 
@@ -63,6 +64,13 @@ class JointSelfDistillationLoss(nn.Module):
         teacher_orientation: ``"correct"`` or ``"official"``.
         relevance_scale: factor on ``L + L'`` (official: 0.25).
 
+    Distributed step: with ``columns`` (:class:`~sdray.losses.columns.Columns`: every rank's
+    dense and sparse vectors, the captions' already masked) the inputs are this rank's rows,
+    ``pos`` is the gathered batch's ``(N_i, N_t)`` mask, and each term is a mean over this
+    rank's rows in both directions (i2t: its images × all texts; t2i: its texts × all images),
+    so the mean over ranks is the loss of the whole batch. L1 is applied to the rows, FLOPS to
+    the gathered vectors. ``columns=None`` is one process.
+
     Shapes:
         ``img_dense (B_i, D)``, ``txt_dense (B_t, D)`` (L2-normalised), ``img_sparse (B_i, V)``,
         ``txt_sparse (B_t, V)`` (non-negative), ``temperature ()``, ``pos (B_i, B_t)`` bool or
@@ -72,7 +80,8 @@ class JointSelfDistillationLoss(nn.Module):
 
     Logged components: ``loss``, ``relevance`` (= relevance_scale·(L+L')), ``L``, ``L_prime``,
     ``dense_nce``, ``sparse_nce``, ``int_nce``, ``kd_dense``, ``kd_sparse``, ``reg`` (=½(R_t+R_i)),
-    ``reg_text``, ``reg_image``, ``reg_weight_text``, ``reg_weight_image``, ``temperature``.
+    ``reg_text``, ``reg_image``, ``reg_weight_text``, ``reg_weight_image``, ``temperature``
+    (:meth:`terms` returns them as tensors).
 
     Example::
 
@@ -111,6 +120,9 @@ class JointSelfDistillationLoss(nn.Module):
         self.text_reg = build_regularizer(regularizer, q_reg, total_steps, warmup_fraction)
         self.image_reg = build_regularizer(regularizer, d_reg, total_steps, warmup_fraction)
 
+    #: ``(a, b) -> a @ b.T`` for the sparse scores (the Trainer may swap in sparse kernels)
+    sparse_scorer = staticmethod(score_matrix)
+
     def forward(
         self,
         img_dense: Tensor,
@@ -121,54 +133,84 @@ class JointSelfDistillationLoss(nn.Module):
         pos: Tensor | None = None,
         txt_mask: Tensor | None = None,
         step: int | None = None,
+        columns: Columns | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
+        loss, logs = self.terms(
+            img_dense, txt_dense, img_sparse, txt_sparse, temperature, pos, txt_mask, step, columns
+        )
+        return loss, to_floats(logs)
+
+    def terms(
+        self,
+        img_dense: Tensor,
+        txt_dense: Tensor,
+        img_sparse: Tensor,
+        txt_sparse: Tensor,
+        temperature: Tensor | float,
+        pos: Tensor | None = None,
+        txt_mask: Tensor | None = None,
+        step: int | None = None,
+        columns: Columns | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """:meth:`forward` with the logged components as detached tensors (no host sync)."""
         check_pair("dense", img_dense, txt_dense)
         check_pair("sparse", img_sparse, txt_sparse)
         b_i, b_t = img_dense.shape[0], txt_dense.shape[0]
         if img_sparse.shape[0] != b_i or txt_sparse.shape[0] != b_t:
             raise ValueError("dense and sparse batches differ in size")
-        pos = check_pos(pos, b_i, b_t)
+        pos_i2t, pos_t2i = row_targets(pos, columns, b_i, b_t)
         tau = as_temperature(temperature, img_dense)
         txt_sparse = apply_txt_mask(txt_sparse, txt_mask)
+        c = columns
 
-        s_dense = score_matrix(img_dense, txt_dense) / tau
-        s_sparse = score_matrix(img_sparse, txt_sparse)
-        s_int = self.w1 * s_dense + self.w2 * s_sparse
+        d_i2t, d_t2i = directions(
+            img_dense, txt_dense, None if c is None else c.img_dense,
+            None if c is None else c.txt_dense,
+        )
+        dense_i2t, dense_t2i = d_i2t / tau, d_t2i / tau
+        sparse_i2t, sparse_t2i = directions(
+            img_sparse, txt_sparse, None if c is None else c.img_sparse,
+            None if c is None else c.txt_sparse, self.sparse_scorer,
+        )
+        int_i2t = self.w1 * dense_i2t + self.w2 * sparse_i2t
+        int_t2i = self.w1 * dense_t2i + self.w2 * sparse_t2i
 
-        dense_nce = info_nce(s_dense, pos)
-        sparse_nce = info_nce(s_sparse, pos)
-        int_nce = info_nce(s_int, pos)
+        dense_nce = nce_rows(dense_i2t, dense_t2i, pos_i2t, pos_t2i)
+        sparse_nce = nce_rows(sparse_i2t, sparse_t2i, pos_i2t, pos_t2i)
+        int_nce = nce_rows(int_i2t, int_t2i, pos_i2t, pos_t2i)
         kd_kw = dict(detach_teacher=self.detach_teacher, orientation=self.teacher_orientation)
-        kd_dense = distillation(s_int, s_dense, **kd_kw)
-        kd_sparse = distillation(s_int, s_sparse, **kd_kw)
+        kd_dense = kd_rows(int_i2t, int_t2i, dense_i2t, dense_t2i, **kd_kw)
+        kd_sparse = kd_rows(int_i2t, int_t2i, sparse_i2t, sparse_t2i, **kd_kw)
 
         big_l = self.lambda1 * dense_nce + self.lambda2 * sparse_nce + int_nce
         big_l_prime = self.lambda1 * kd_dense + self.lambda2 * kd_sparse
         relevance = self.relevance_scale * (big_l + big_l_prime)
-        reg_text = self.text_reg(txt_sparse, step)
-        reg_image = self.image_reg(img_sparse, step)
+        reg_text = self.text_reg(
+            regularizer_input(self.text_reg, txt_sparse, None if c is None else c.txt_sparse), step
+        )
+        reg_image = self.image_reg(
+            regularizer_input(self.image_reg, img_sparse, None if c is None else c.img_sparse), step
+        )
         reg = 0.5 * (reg_text + reg_image)
         loss = relevance + reg
-        logs = to_floats(
-            {
-                "loss": loss,
-                "relevance": relevance,
-                "L": big_l,
-                "L_prime": big_l_prime,
-                "dense_nce": dense_nce,
-                "sparse_nce": sparse_nce,
-                "int_nce": int_nce,
-                "kd_dense": kd_dense,
-                "kd_sparse": kd_sparse,
-                "reg": reg,
-                "reg_text": reg_text,
-                "reg_image": reg_image,
-                "reg_weight_text": self.text_reg.weight_at(step),
-                "reg_weight_image": self.image_reg.weight_at(step),
-                "temperature": tau,
-            }
-        )
-        return loss, logs
+        logs = {
+            "loss": loss,
+            "relevance": relevance,
+            "L": big_l,
+            "L_prime": big_l_prime,
+            "dense_nce": dense_nce,
+            "sparse_nce": sparse_nce,
+            "int_nce": int_nce,
+            "kd_dense": kd_dense,
+            "kd_sparse": kd_sparse,
+            "reg": reg,
+            "reg_text": reg_text,
+            "reg_image": reg_image,
+            "reg_weight_text": self.text_reg.weight_at(step),
+            "reg_weight_image": self.image_reg.weight_at(step),
+            "temperature": tau,
+        }
+        return loss, {k: v.detach() if isinstance(v, Tensor) else v for k, v in logs.items()}
 
     def extra_repr(self) -> str:
         return (

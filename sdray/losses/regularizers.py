@@ -48,6 +48,10 @@ def quadratic_warmup(
 
 
 class _Regularizer(nn.Module):
+    #: True when the penalty is a mean of per-vector terms (a rank may apply it to its own rows);
+    #: False when it couples the vectors of the batch (then it needs every rank's vectors).
+    per_row = True
+
     def __init__(
         self, weight: float, total_steps: int | None = None, warmup_fraction: float = 0.2
     ) -> None:
@@ -132,6 +136,8 @@ class FlopsRegularizer(_Regularizer):
         >>> reg = FlopsRegularizer(1e-3, total_steps=1000, warmup_fraction=0.2)
         >>> loss = reg(torch.relu(torch.randn(8, 100)), step=500)  # full weight after 200 steps
     """
+
+    per_row = False
 
     def penalty(self, reps: Tensor) -> Tensor:
         return (reps.abs().mean(dim=0) ** 2).sum()

@@ -43,6 +43,8 @@ __all__ = [
     "multi_positive_cross_entropy",
     "info_nce",
     "distillation",
+    "nce_rows",
+    "kd_rows",
 ]
 
 
@@ -86,40 +88,55 @@ def positive_mask(
 ) -> Tensor:
     """Boolean positive mask ``pos (B, B)`` of a batch of (image, caption) pairs.
 
-    Row ``i`` is the image of sample ``i``, column ``j`` the caption of sample ``j``. Caption
-    ``j`` is relevant to image ``i`` when the two samples show the same image, or carry the same
-    caption (then caption ``j`` *is* caption ``i``, which pairs with image ``i``)::
+    Row ``i`` is the image of sample ``i``, column ``j`` the caption of sample ``j``. They are
+    relevant when **some sample of the batch pairs them** (DESIGN.md §3)::
 
-        pos[i, j] = image_ids[i] == image_ids[j]  or  caption_ids[i] == caption_ids[j]
+        pos[i, j] = ∃ k : image_ids[k] == image_ids[i]  and  caption_ids[k] == caption_ids[j]
 
-    The diagonal is always True. ``pos`` is symmetric, so it serves the text→image direction
-    (``pos.T``) too.
+    This covers a shared image (``k = j``), a shared caption (``k = i``) and the chain of the
+    two: in the batch (A, "x"), (B, "dog"), (A, "dog"), image A of sample 0 and caption "dog"
+    of sample 1 are relevant through sample 2. The mask is then **not symmetric** (image B of
+    sample 1 and caption "x" of sample 0 are not, while image A and caption "dog" are), so the
+    text→image direction uses ``pos.T``.
+    The diagonal is always True. Cost: ``O(B²)`` through a table of the distinct (image,
+    caption) pairs.
 
     Args:
         image_ids: ``(B,)`` image identifiers (ints, strings or bytes; see :func:`ids_to_tensor`).
         caption_ids: ``(B,)`` caption identifiers, typically the caption text itself or a hash
-            of it; ``None`` to use image ids only.
+            of it; ``None`` to use image ids only (``pos[i, j] = image_ids[i] == image_ids[j]``).
 
     Returns:
         ``torch.bool`` tensor of shape ``(B, B)``.
 
     Example::
 
-        >>> positive_mask(["a", "a", "b"], ["x", "y", "y"]).int()
-        tensor([[1, 1, 0],
-                [1, 1, 1],
-                [0, 1, 1]], dtype=torch.int32)
+        >>> positive_mask(["A", "B", "A"], ["x", "dog", "dog"]).int()
+        tensor([[1, 1, 1],
+                [0, 1, 1],
+                [1, 1, 1]], dtype=torch.int32)
     """
     img = ids_to_tensor(image_ids)
-    pos = img[:, None] == img[None, :]
-    if caption_ids is not None:
-        cap = ids_to_tensor(caption_ids, device=img.device)
-        if cap.shape != img.shape:
-            raise ValueError(
-                f"image_ids and caption_ids must have the same length, got {img.numel()} and "
-                f"{cap.numel()}"
-            )
-        pos = pos | (cap[:, None] == cap[None, :])
+    if caption_ids is None:
+        pos = img[:, None] == img[None, :]
+        pos.fill_diagonal_(True)
+        return pos
+    cap = ids_to_tensor(caption_ids, device=img.device)
+    if cap.shape != img.shape:
+        raise ValueError(
+            f"image_ids and caption_ids must have the same length, got {img.numel()} and "
+            f"{cap.numel()}"
+        )
+    _, img_group = torch.unique(img, return_inverse=True)
+    _, cap_group = torch.unique(cap, return_inverse=True)
+    paired = torch.zeros(
+        int(img_group.max()) + 1 if img.numel() else 0,
+        int(cap_group.max()) + 1 if cap.numel() else 0,
+        dtype=torch.bool,
+        device=img.device,
+    )
+    paired[img_group, cap_group] = True
+    pos = paired[img_group[:, None], cap_group[None, :]]
     pos.fill_diagonal_(True)
     return pos
 
@@ -176,6 +193,48 @@ def multi_positive_cross_entropy(logits: Tensor, pos: Tensor | None = None) -> T
     return soft_cross_entropy(logits, target, row_weight=(count.squeeze(1) > 0))
 
 
+def nce_rows(
+    s_i2t: Tensor, s_t2i: Tensor, pos_i2t: Tensor | None, pos_t2i: Tensor | None
+) -> Tensor:
+    """Symmetric InfoNCE over a rank's rows: ``½(CE_{pos_i2t}(s_i2t) + CE_{pos_t2i}(s_t2i))``.
+
+    Shapes: ``s_i2t (B_i, N_t)`` (this rank's images × all texts), ``s_t2i (B_t, N_i)`` (this
+    rank's texts × all images), masks of the same shapes (``None``: identity, square scores).
+    """
+    return 0.5 * (
+        multi_positive_cross_entropy(s_i2t, pos_i2t) + multi_positive_cross_entropy(s_t2i, pos_t2i)
+    )
+
+
+def kd_rows(
+    t_i2t: Tensor,
+    t_t2i: Tensor,
+    s_i2t: Tensor,
+    s_t2i: Tensor,
+    detach_teacher: bool = True,
+    orientation: str = "correct",
+) -> Tensor:
+    """Symmetric KD over a rank's rows: ``½(KD(t_i2t→s_i2t) + KD(t_t2i→s_t2i))``.
+
+    ``KD(t→s) = −mean_rows Σ_j softmax(t)_j log_softmax(s)_j``. With ``orientation="official"``
+    the text→image teacher is the *i2t* teacher row of the same sample (holi-lab/mm-sparse-retrieval
+    ``loss.py``: ``p_sinter_t2i = softmax(sinter, dim=1)``), which needs ``t_i2t`` and ``s_t2i``
+    of one shape. Shapes as :func:`nce_rows`.
+    """
+    if orientation not in ("correct", "official"):
+        raise ValueError(f"orientation must be 'correct' or 'official', got {orientation!r}")
+    if detach_teacher:
+        t_i2t, t_t2i = t_i2t.detach(), t_t2i.detach()
+    p_i2t = F.softmax(t_i2t, dim=1)
+    if orientation == "correct":
+        p_t2i = F.softmax(t_t2i, dim=1)
+    else:
+        if t_i2t.shape != s_t2i.shape:
+            raise ValueError("orientation='official' needs a square score matrix")
+        p_t2i = p_i2t
+    return 0.5 * (soft_cross_entropy(s_i2t, p_i2t) + soft_cross_entropy(s_t2i, p_t2i))
+
+
 def info_nce(scores: Tensor, pos: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE: mean of the image→text (rows) and text→image (columns) CE.
 
@@ -185,10 +244,7 @@ def info_nce(scores: Tensor, pos: Tensor | None = None) -> Tensor:
 
     Shapes: ``scores (B_i, B_t)``, ``pos (B_i, B_t)`` bool or ``None`` (identity) → scalar.
     """
-    pos_t = None if pos is None else pos.T
-    return 0.5 * (
-        multi_positive_cross_entropy(scores, pos) + multi_positive_cross_entropy(scores.T, pos_t)
-    )
+    return nce_rows(scores, scores.T, pos, None if pos is None else pos.T)
 
 
 def distillation(
@@ -213,15 +269,4 @@ def distillation(
         raise ValueError(
             f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)} differ"
         )
-    if orientation not in ("correct", "official"):
-        raise ValueError(f"orientation must be 'correct' or 'official', got {orientation!r}")
-    if detach_teacher:
-        teacher = teacher.detach()
-    p_i2t = F.softmax(teacher, dim=1)
-    if orientation == "correct":
-        p_t2i = F.softmax(teacher.T, dim=1)
-    else:
-        if teacher.shape[0] != teacher.shape[1]:
-            raise ValueError("orientation='official' needs a square score matrix")
-        p_t2i = p_i2t
-    return 0.5 * (soft_cross_entropy(student, p_i2t) + soft_cross_entropy(student.T, p_t2i))
+    return kd_rows(teacher, teacher.T, student, student.T, detach_teacher, orientation)
