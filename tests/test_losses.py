@@ -161,6 +161,14 @@ POS_MULTI = [
     [0, 0, 1, 1],
 ]
 POS_EYE = [[int(i == j) for j in range(B)] for i in range(B)]
+# samples (A, x), (B, dog), (A, dog), (C, y): image A and caption "dog" are relevant through
+# sample 2, so image 0 ↔ caption 1 is positive while image 1 ↔ caption 0 is not (asymmetric).
+POS_ASYM = [
+    [1, 1, 1, 0],
+    [0, 1, 1, 0],
+    [1, 1, 1, 0],
+    [0, 0, 0, 1],
+]
 MASK = [  # caption 1 restricted to its tokens {0, 2, 5}, caption 3 to {1}; 0 and 2 expand
     [1, 1, 1, 1, 1, 1],
     [1, 0, 1, 0, 0, 1],
@@ -185,13 +193,13 @@ def grads(loss, leaves):
 
 
 COMBOS = list(itertools.product([True, False], ["correct", "official"], [False, True],
-                                ["eye", "multi"]))
+                                ["eye", "multi", "asym"]))
 
 
 @pytest.mark.parametrize("detach,orientation,use_mask,pos_kind", COMBOS)
 def test_joint_loss_and_gradients_match_naive_reference(detach, orientation, use_mask, pos_kind):
     leaves = make_batch()
-    pos_list = POS_EYE if pos_kind == "eye" else POS_MULTI
+    pos_list = {"eye": POS_EYE, "multi": POS_MULTI, "asym": POS_ASYM}[pos_kind]
     mask = MASK if use_mask else None
     ref_total, ref_l, ref_lp, ref_rt, ref_ri = ref_joint(
         *leaves, pos_list, mask, HP, detach, orientation, STEP, TOTAL)
@@ -318,6 +326,39 @@ def test_positive_mask_from_ids():
         positive_mask([1, 2], ["a"])
 
 
+def test_positive_mask_marks_pairs_made_by_a_third_sample():
+    """(A, "x"), (B, "dog"), (A, "dog"): image A (sample 0) and caption "dog" (sample 1) are
+    relevant, because sample 2 pairs them; image B and caption "x" are not: asymmetric."""
+    pos = positive_mask(["A", "B", "A"], ["x", "dog", "dog"])
+    assert pos.tolist() == [[True, True, True], [False, True, True], [True, True, True]]
+    assert bool(pos[0, 1]) and not bool(pos[1, 0])
+    assert pos.tolist() == [[bool(x) for x in r] for r in
+                            positive_mask(["A", "B", "A", "C"], ["x", "dog", "dog", "y"])[:3, :3].tolist()]
+    assert positive_mask(["A", "B", "A", "C"], ["x", "dog", "dog", "y"]).int().tolist() == POS_ASYM
+    # against the definition, on a random batch with many repeats
+    g = torch.Generator().manual_seed(3)
+    imgs = torch.randint(0, 6, (40,), generator=g).tolist()
+    caps = [f"c{k}" for k in torch.randint(0, 8, (40,), generator=g).tolist()]
+    pos = positive_mask(imgs, caps)
+    pairs = set(zip(imgs, caps))
+    expect = [[(imgs[i], caps[j]) in pairs for j in range(40)] for i in range(40)]
+    assert pos.tolist() == expect
+    assert not torch.equal(pos, pos.T)
+
+
+def test_info_nce_uses_the_transposed_mask_for_text_to_image():
+    """With an asymmetric mask, the t2i CE of caption j counts the images i with pos[i, j]."""
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(4, 4, generator=g, dtype=DT)
+    pos = torch.tensor(POS_ASYM, dtype=torch.bool)
+    got = info_nce(s, pos)
+    ls_rows, ls_cols = torch.log_softmax(s, 1), torch.log_softmax(s, 0)
+    i2t = -sum(ls_rows[i, pos[i]].mean() for i in range(4)) / 4
+    t2i = -sum(ls_cols[pos[:, j], j].mean() for j in range(4)) / 4
+    torch.testing.assert_close(got, 0.5 * (i2t + t2i))
+    assert not torch.allclose(got, info_nce(s, pos.T))
+
+
 def test_positive_mask_hash_is_stable_across_calls():
     a = positive_mask(["img/1.jpg", "img/2.jpg"], ["a red car", "a red car"])
     from sdray.losses.targets import ids_to_tensor
@@ -404,6 +445,87 @@ def test_scores_are_float32_under_autocast():
         got, _ = fn(di, dt, zi * 300, zt * 300, tau)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed form: local rows against gathered columns
+# --------------------------------------------------------------------------------------------
+
+
+def _ranks(b, n_ranks):
+    per = b // n_ranks
+    return [(r * per, (r + 1) * per) for r in range(n_ranks)]
+
+
+def _simulated_ranks(call, leaves, n_ranks, with_sparse=True):
+    """Mean over simulated ranks of ``call(rows..., columns)``: each rank sees its slice of the
+    leaves as rows and the (concatenated) leaves as columns, like an all-gather with gradients."""
+    from sdray.losses import Columns
+
+    di, dt, zi, zt, tau = leaves
+    total = 0.0
+    for a, b in _ranks(di.shape[0], n_ranks):
+        cols = Columns(di, dt, zi if with_sparse else None, zt if with_sparse else None, offset=a)
+        total = total + call(di[a:b], dt[a:b], zi[a:b], zt[a:b], tau, cols)
+    return total / n_ranks
+
+
+DIST_CASES = [
+    ("joint", {"detach_teacher": True, "teacher_orientation": "correct"}, "l1"),
+    ("joint", {"detach_teacher": False, "teacher_orientation": "official"}, "flops"),
+    ("d2s", {}, "l1"),
+    ("d2s", {}, "flops"),
+    ("dense", {}, None),
+]
+
+
+@pytest.mark.parametrize("method,opts,reg", DIST_CASES)
+@pytest.mark.parametrize("n_ranks", [2, 4])
+def test_rows_against_gathered_columns_equal_the_whole_batch(method, opts, reg, n_ranks):
+    """The mean over ranks of the row-wise losses equals the loss of the whole batch, and so do
+    the gradients, with the asymmetric multi-positive mask spread over the ranks."""
+    di, dt, zi, zt, tau = make_batch(11)
+    pos = torch.tensor(POS_ASYM, dtype=torch.bool)
+    if method == "joint":
+        fn = JointSelfDistillationLoss(w1=0.4, w2=0.6, q_reg=0.05, d_reg=0.02, regularizer=reg,
+                                       total_steps=TOTAL, **opts)
+        full = lambda *x: fn(*x[:5], pos, step=STEP)[0]  # noqa: E731
+        rank = lambda *x: fn(*x[:5], pos, step=STEP, columns=x[5])[0]  # noqa: E731
+    elif method == "d2s":
+        fn = D2SLoss(q_reg=0.05, d_reg=0.02, regularizer=reg, total_steps=TOTAL)
+        full = lambda *x: fn(*x[:5], step=STEP)[0]  # noqa: E731
+        rank = lambda *x: fn(*x[:5], step=STEP, columns=x[5])[0]  # noqa: E731
+    else:
+        fn = DenseContrastiveLoss()
+        full = lambda di, dt, zi, zt, tau: fn(di, dt, tau, pos)[0]  # noqa: E731
+        rank = lambda di, dt, zi, zt, tau, c: fn(di, dt, tau, pos, columns=c)[0]  # noqa: E731
+    leaves = [di, dt, zi, zt, tau]
+    ref = full(*leaves)
+    got = _simulated_ranks(rank, leaves, n_ranks, with_sparse=method != "dense")
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    g_ref = torch.autograd.grad(ref, leaves, allow_unused=True)
+    g_got = torch.autograd.grad(got, leaves, allow_unused=True)
+    for name, a, b in zip(["img_dense", "txt_dense", "img_sparse", "txt_sparse", "tau"], g_got, g_ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_rows_of_one_rank_use_both_directions_of_the_global_mask():
+    """Rank 1 of two (samples 2, 3 of the asymmetric batch) against the naive reference: its i2t
+    rows are rows 2, 3 of the global scores with mask rows 2, 3; its t2i rows are columns 2, 3
+    with mask *columns* 2, 3."""
+    from sdray.losses import Columns
+
+    di, dt, _, _, tau = make_batch(12)
+    pos = torch.tensor(POS_ASYM, dtype=torch.bool)
+    got, _ = DenseContrastiveLoss()(di[2:], dt[2:], tau, pos, columns=Columns(di, dt, offset=2))
+    sd = ref_matrix(di, dt, tau)
+    i2t = ref_ce_rows(sd[2:], POS_ASYM[2:])
+    t2i = ref_ce_rows(ref_transpose(sd)[2:], ref_transpose(POS_ASYM)[2:])
+    torch.testing.assert_close(got, 0.5 * (i2t + t2i), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="gathered"):
+        DenseContrastiveLoss()(di[2:], dt[2:], tau, pos[2:], columns=Columns(di, dt, offset=2))
 
 
 # --------------------------------------------------------------------------------------------

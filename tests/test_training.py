@@ -63,6 +63,28 @@ def cfg_for(method: str, **loss) -> object:
                                 "warmup_fraction": 0.0}})
 
 
+def module_reference(cfg, heads, batch, step, txt_mask=None):
+    """The loss module's value on the whole batch, computed straight from the heads."""
+    d_t, d_i = heads.text_proj(batch.text_features), heads.vision_proj(batch.image_features)
+    z_t, z_i = heads.sparse(d_t), heads.sparse(d_i)
+    pos = positive_mask(batch.image_ids, batch.caption_ids)
+    lc, total = cfg.loss, 20
+    if lc.method == "dense":
+        return DenseContrastiveLoss()(d_i, d_t, heads.tau, pos)[0]
+    if lc.method == "d2s":
+        return D2SLoss(lc.d2s_l1, lc.d2s_l1, total_steps=total, regularizer=lc.regularizer)(
+            d_i.detach(), d_t.detach(), z_i, z_t, heads.tau.detach(), txt_mask=txt_mask, step=step)[0]
+    return JointSelfDistillationLoss(lc.w1, lc.w2, lc.lambda1, lc.lambda2, lc.q_reg, lc.d_reg,
+                                     total_steps=total, regularizer=lc.regularizer,
+                                     detach_teacher=lc.detach_teacher,
+                                     teacher_orientation=lc.teacher_orientation)(
+        d_i, d_t, z_i, z_t, heads.tau, pos, txt_mask=txt_mask, step=step)[0]
+
+
+def head_grads(heads) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in heads.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("method,opts", [
     ("dense", {}),
     ("d2s", {}),
@@ -70,28 +92,25 @@ def cfg_for(method: str, **loss) -> object:
     ("joint", {"detach_teacher": False, "teacher_orientation": "official"}),
     ("joint", {"regularizer": "flops"}),
 ])
-def test_local_loss_equals_loss_modules(method, opts):
+def test_trainer_loss_and_gradients_equal_the_loss_module(method, opts):
+    """One process: the Trainer's loss and gradients are the module's on the whole batch (whose
+    mask is asymmetric: sample 0 pairs img0 with "same caption", which sample 5 also carries)."""
     cfg = cfg_for(method, **opts)
-    heads = make_heads()
-    trainer = Trainer(cfg, heads, total_steps=10)
+    trainer = Trainer(cfg, make_heads(), total_steps=20)
     batch = make_batch(8)
+    assert not torch.equal(*(lambda p: (p, p.T))(positive_mask(batch.image_ids, batch.caption_ids)))
     loss, logs = trainer.compute_loss(batch, step=5)
-    d_t, d_i = heads.text_proj(batch.text_features), heads.vision_proj(batch.image_features)
-    z_t, z_i = heads.sparse(d_t), heads.sparse(d_i)
-    pos = positive_mask(batch.image_ids, batch.caption_ids)
-    if method == "dense":
-        ref, _ = DenseContrastiveLoss()(d_i, d_t, heads.tau, pos)
-    elif method == "d2s":
-        ref, _ = D2SLoss(1e-2, 1e-2, total_steps=10)(d_i, d_t, z_i, z_t, heads.tau, step=5)
-    else:
-        lc = cfg.loss
-        ref, _ = JointSelfDistillationLoss(lc.w1, lc.w2, lc.lambda1, lc.lambda2, lc.q_reg, lc.d_reg,
-                                           total_steps=10, regularizer=lc.regularizer,
-                                           detach_teacher=lc.detach_teacher,
-                                           teacher_orientation=lc.teacher_orientation)(
-            d_i, d_t, z_i, z_t, heads.tau, pos, step=5)
+    loss.backward()
+    ref_heads = make_heads()
+    Trainer(cfg, ref_heads, total_steps=20)  # same trainable parameters as the Trainer's
+    ref = module_reference(cfg, ref_heads, batch, step=5)
+    ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     assert float(logs["loss"]) == pytest.approx(float(ref), rel=1e-5)
+    got, expect = head_grads(trainer.heads), head_grads(ref_heads)
+    assert got.keys() == expect.keys() and got
+    for n in got:
+        torch.testing.assert_close(got[n], expect[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_trainable_parameters_per_method():
@@ -305,6 +324,16 @@ def test_two_workers_equal_one_worker_with_double_batch(tmp_path):
         loss, logs = t.compute_loss(full, step=3)
         loss.backward()
         got = load_file(str(tmp_path / f"case{i}.safetensors"))
+        # ... and both equal the loss module on the whole batch (module_reference)
+        ref_heads = make_heads()
+        Trainer(cfg, ref_heads, total_steps=20, special_token_ids=())
+        ref = module_reference(cfg, ref_heads, full, step=3,
+                               txt_mask=None if t.expansion is None else t.expansion.mask)
+        ref.backward()
+        torch.testing.assert_close(got["loss"][0], ref.detach(), rtol=1e-5, atol=1e-6)
+        for n, g in head_grads(ref_heads).items():
+            torch.testing.assert_close(got[f"grad.{n}"], g, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"module {method} {opts} {n}: {m}")
         torch.testing.assert_close(got["loss"][0], loss.detach(), rtol=1e-5, atol=1e-6)
         n_grads = 0
         for n, p in t.heads.named_parameters():
