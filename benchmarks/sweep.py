@@ -110,9 +110,8 @@ def run_setting(name, method, init_state, overrides, train, val, base_overrides,
 
     cfg = config_lib.with_overrides(config_lib.SdrayConfig(), {
         **base_overrides, "loss.method": method, "optim.epochs": epochs, **overrides})
-    backbone = load_backbone(cfg.backbone, proj_dim=cfg.heads.dense_dim)
-    torch.manual_seed(cfg.optim.seed)  # the same fresh sparse head for every setting
-    heads = build_heads(cfg, backbone)
+    backbone = load_backbone(cfg.backbone, proj_dim=cfg.heads.dense_dim, seed=cfg.optim.seed)
+    heads = build_heads(cfg, backbone)  # the same fresh sparse head for every setting of a seed
     if init_state is not None:
         init_from_model(heads, init_state)
     t0 = time.time()

@@ -104,6 +104,30 @@ def _flat_val(result: dict) -> dict[str, float]:
     return out
 
 
+def epoch_batches(shard, per_worker: int, shuffle_buffer: int, seed: int, epoch: int):
+    """One epoch of numpy batches from a worker's shard, through a local shuffle buffer seeded
+    by ``seed + epoch`` (the same order for the same seed; with ``ingest_config``'s ordered
+    execution that makes a one-worker run reproducible)."""
+    return shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
+                              local_shuffle_buffer_size=shuffle_buffer or None,
+                              local_shuffle_seed=seed + epoch if shuffle_buffer else None)
+
+
+def ingest_config():
+    """Ray Train's dataset config: split ``train`` over the workers, in a deterministic order.
+
+    Ray Data hands out blocks as their tasks finish unless ``preserve_order`` is set, so the
+    seeded block shuffle (``randomize_block_order(seed=...)``) would see its input in a run-
+    dependent order. With several workers the streaming split still gives blocks to whichever
+    worker asks first, so only one-worker runs repeat exactly.
+    """
+    from ray.train import DataConfig as RayDataConfig
+
+    options = RayDataConfig.default_ingest_options()
+    options.preserve_order = True
+    return RayDataConfig(datasets_to_split=["train"], execution_options=options)
+
+
 def train_loop(config: dict) -> None:
     """The Ray Train worker function."""
     import ray
@@ -193,9 +217,7 @@ def train_loop(config: dict) -> None:
         skip = loop["batches_done"] if epoch == start_epoch else 0
         shard = ray.train.get_dataset_shard("train")
         t0, n_pairs, logs_acc = time.time(), 0, []
-        it = shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True,
-                                local_shuffle_buffer_size=config["shuffle_buffer"] or None,
-                                local_shuffle_seed=cfg.optim.seed + epoch if config["shuffle_buffer"] else None)
+        it = epoch_batches(shard, per_worker, config["shuffle_buffer"], cfg.optim.seed, epoch)
         done = 0
         for i, batch in enumerate(it):
             if i < skip:
@@ -360,11 +382,8 @@ def initial_heads(cfg, init_uri: str | None):
     from sdray.model import RetrievalModel, build_heads
     from sdray.training import init_from_model
 
-    import torch
-
-    backbone = load_backbone(cfg.backbone, proj_dim=cfg.heads.dense_dim)
-    torch.manual_seed(cfg.optim.seed)  # the fresh sparse head is seeded by the config
-    heads = build_heads(cfg, backbone)
+    backbone = load_backbone(cfg.backbone, proj_dim=cfg.heads.dense_dim, seed=cfg.optim.seed)
+    heads = build_heads(cfg, backbone)  # the fresh sparse head is drawn from cfg.optim.seed
     copied: list[str] = []
     if init_uri:
         init = RetrievalModel.load(init_uri)
@@ -429,8 +448,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[sdray train] method {cfg.loss.method}, {mode} mode, {n_rows} pairs, {workers} worker(s) "
           f"x batch {per_worker}, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs"
           + (f", init {args.init} ({len(copied)} tensors)" if args.init else ""), flush=True)
-    from ray.train import DataConfig as RayDataConfig
-
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -438,7 +455,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),
         datasets=datasets,
-        dataset_config=RayDataConfig(datasets_to_split=["train"]),
+        dataset_config=ingest_config(),
         run_config=RunConfig(name=RUN_NAME, storage_path=out,
                              failure_config=FailureConfig(max_failures=args.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

@@ -54,9 +54,12 @@ class HeadConfig(_Strict):
         description="Size of fresh final layers (packaged backbone; default 256). Hub backbones "
         "keep their own projection, whose size this must equal when set.")
     sparse_hidden: int | None = Field(
-        None, ge=8, le=8192, description="Sparse head hidden size; default: word-embedding size."
+        None, ge=8, le=8192, description="Sparse head hidden size; default: the word-embedding "
+        "size, which it must equal while init_vocab_from_embeddings is true."
     )
-    init_vocab_from_embeddings: bool = True
+    init_vocab_from_embeddings: bool = Field(
+        True, description="Start the sparse head's vocabulary projector as a copy of the text "
+        "tower's word embeddings (DESIGN.md §1); false: a fresh nn.Linear init.")
     tau_init: float = Field(0.07, gt=0.0, le=1.0)
     tau_min: float = Field(0.001, gt=0.0, le=1.0)
     tau_max: float = Field(0.5, gt=0.0, le=1.0)
@@ -111,7 +114,9 @@ class OptimConfig(_Strict):
     batch_size: int = Field(256, ge=2, le=65536)
     epochs: int = Field(10, ge=1, le=10000)
     amp: bool = Field(True, description="fp16 autocast when a GPU is used.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the fresh heads (sparse head; the packaged backbone's "
+                      "projections), the data order (Ray Data block order and shuffle buffers) and "
+                      "the expansion-control draws: one seed, one run.")
     sparse_gather: Literal["auto", "dense", "bf16", "topk"] = Field(
         "auto", description="How sparse vectors cross workers: auto = exact top-k pairs when "
         "smaller than the dense rows, else fp32 rows; bf16 halves the bytes (lossy).")

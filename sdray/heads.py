@@ -46,18 +46,28 @@ class SparseHead(nn.Module):
 
     Args:
         dense_dim: size D of the normalised dense vectors it reads.
-        word_embeddings: (|V|, hidden) initial vocabulary projector (copied, then trained).
+        word_embeddings: (|V|, E) the text tower's word embeddings: |V| is the vocabulary, and
+            with ``init_from_embeddings`` they are the initial vocabulary projector (a copy).
+        hidden: hidden size; default E. It must be E when the projector is copied.
+        init_from_embeddings: copy the word embeddings into the projector (DESIGN.md §1);
+            False: a fresh ``nn.Linear`` initialisation (an ablation).
     Shapes: (B, D) -> (B, |V|).
     """
 
-    def __init__(self, dense_dim: int, word_embeddings: torch.Tensor):
+    def __init__(self, dense_dim: int, word_embeddings: torch.Tensor, hidden: int | None = None,
+                 init_from_embeddings: bool = True):
         super().__init__()
-        vocab_size, hidden = word_embeddings.shape
+        vocab_size, emb_dim = word_embeddings.shape
+        hidden = emb_dim if hidden is None else int(hidden)
+        if init_from_embeddings and hidden != emb_dim:
+            raise ValueError(f"heads.sparse_hidden {hidden} must equal the word-embedding size "
+                             f"{emb_dim} when heads.init_vocab_from_embeddings is true")
         self.transform = nn.Linear(dense_dim, hidden)
         self.norm = nn.LayerNorm(hidden)
         self.vocab_projector = nn.Linear(hidden, vocab_size, bias=False)
-        with torch.no_grad():
-            self.vocab_projector.weight.copy_(word_embeddings)
+        if init_from_embeddings:
+            with torch.no_grad():
+                self.vocab_projector.weight.copy_(word_embeddings)
 
     @property
     def vocab_size(self) -> int:
@@ -90,13 +100,16 @@ class RetrieverHeads(nn.Module):
         tau_init: float = 0.07,
         tau_range: tuple[float, float] = (0.001, 0.5),
         topk: tuple[int | None, int | None] = (None, None),
+        sparse_hidden: int | None = None,
+        init_vocab_from_embeddings: bool = True,
     ):
         super().__init__()
         if text_proj.out_features != vision_proj.out_features:
             raise ValueError("text and vision projections must share an output size")
         self.text_proj = DenseProjection(text_proj)
         self.vision_proj = DenseProjection(vision_proj)
-        self.sparse = SparseHead(text_proj.out_features, word_embeddings)
+        self.sparse = SparseHead(text_proj.out_features, word_embeddings, sparse_hidden,
+                                 init_vocab_from_embeddings)
         self.tau = nn.Parameter(torch.tensor(float(tau_init)))
         self.tau_range = tau_range
         self.topk_text, self.topk_image = topk

@@ -30,16 +30,25 @@ META_FILE = "model.json"
 
 
 def build_heads(cfg: SdrayConfig, backbone: Backbone) -> RetrieverHeads:
-    """Fresh heads: the backbone's own final layers and its word embeddings (DESIGN.md §1)."""
+    """Fresh heads: the backbone's own final layers and its word embeddings (DESIGN.md §1).
+
+    The fresh sparse head is drawn from ``cfg.optim.seed`` alone (a forked RNG: the global one is
+    neither read nor advanced); the packaged backbone's fresh projections come from the seed it
+    was loaded with (``load_backbone(..., seed=cfg.optim.seed)``).
+    """
     text_proj, vision_proj = backbone.initial_projections()
-    return RetrieverHeads(
-        text_proj,
-        vision_proj,
-        backbone.word_embeddings(),
-        tau_init=cfg.heads.tau_init,
-        tau_range=(cfg.heads.tau_min, cfg.heads.tau_max),
-        topk=(cfg.heads.topk_text, cfg.heads.topk_image),
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.optim.seed)
+        return RetrieverHeads(
+            text_proj,
+            vision_proj,
+            backbone.word_embeddings(),
+            tau_init=cfg.heads.tau_init,
+            tau_range=(cfg.heads.tau_min, cfg.heads.tau_max),
+            topk=(cfg.heads.topk_text, cfg.heads.topk_image),
+            sparse_hidden=cfg.heads.sparse_hidden,
+            init_vocab_from_embeddings=cfg.heads.init_vocab_from_embeddings,
+        )
 
 
 def _heads_like(cfg: SdrayConfig, state: dict[str, torch.Tensor]) -> RetrieverHeads:
@@ -75,7 +84,8 @@ class RetrievalModel:
     @classmethod
     def create(cls, cfg: SdrayConfig, backbone: Backbone | None = None) -> "RetrievalModel":
         """Untrained model from ``cfg``: the backbone's projections, fresh sparse head."""
-        backbone = backbone or load_backbone(cfg.backbone, proj_dim=cfg.heads.dense_dim)
+        backbone = backbone or load_backbone(cfg.backbone, proj_dim=cfg.heads.dense_dim,
+                                             seed=cfg.optim.seed)
         return cls(cfg, build_heads(cfg, backbone), {"method": "untrained"}, backbone)
 
     @property

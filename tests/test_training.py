@@ -374,3 +374,84 @@ def test_sparse_kernels_give_the_same_gradients(monkeypatch, threshold):
     torch.testing.assert_close(grads[0][0], grads[1][0])
     for n in grads[0][1]:
         torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------
+# one seed, one run
+
+
+class _StubBackbone:
+    """What build_heads reads from a backbone: fresh final layers and word embeddings."""
+
+    def initial_projections(self):
+        g = torch.Generator().manual_seed(0)
+        tp, vp = nn.Linear(HT, D), nn.Linear(HI, D)
+        with torch.no_grad():
+            for lin in (tp, vp):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.3)
+                lin.bias.zero_()
+        return tp, vp
+
+    def word_embeddings(self):
+        return torch.randn(V, HID, generator=torch.Generator().manual_seed(1))
+
+
+def _feature_data(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, n // 2, n)
+    ct, ci = rng.normal(size=(n // 2, HT)), rng.normal(size=(n // 2, HI))
+    return {"text_features": (ct[groups] + 0.3 * rng.normal(size=(n, HT))).astype(np.float32),
+            "image_features": (ci[groups] + 0.3 * rng.normal(size=(n, HI))).astype(np.float32),
+            "image_id": [f"img{seed}_{i - (i % 6 == 1)}" for i in range(n)],
+            "caption": [f"cap {seed} {i}" for i in range(n)],
+            "input_ids": [rng.integers(1, V, rng.integers(2, 6)) for _ in range(n)]}
+
+
+def test_build_heads_is_a_function_of_the_seed():
+    from sdray.model import build_heads
+
+    cfg = from_dict({"optim": {"seed": 3}})
+    a = build_heads(cfg, _StubBackbone())
+    torch.manual_seed(999)  # the global RNG plays no part
+    torch.rand(10)
+    b = build_heads(cfg, _StubBackbone())
+    c = build_heads(from_dict({"optim": {"seed": 4}}), _StubBackbone())
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], msg=k)
+    assert not torch.equal(a.sparse.transform.weight, c.sparse.transform.weight)
+    assert torch.equal(a.sparse.vocab_projector.weight, _StubBackbone().word_embeddings())
+
+
+def test_sparse_head_config_fields_are_wired():
+    from sdray.model import build_heads
+
+    fresh = build_heads(from_dict({"heads": {"init_vocab_from_embeddings": False, "sparse_hidden": 10}}),
+                        _StubBackbone())
+    assert fresh.sparse.vocab_projector.weight.shape == (V, 10)
+    assert fresh.sparse.transform.out_features == 10
+    with pytest.raises(ValueError, match="sparse_hidden"):
+        build_heads(from_dict({"heads": {"sparse_hidden": 10}}), _StubBackbone())
+
+
+def test_same_seed_same_run_in_process():
+    """fit_in_process twice with one config (joint, expansion control: random draws, shuffled
+    batches): identical history and heads; another seed gives another run."""
+    from sdray.model import build_heads
+    from sdray.training import fit_in_process
+
+    train, val = _feature_data(96, 0), _feature_data(32, 1)
+
+    def run(seed):
+        cfg = from_dict({"loss": {"method": "joint", "expansion_control": True, "q_reg": 1e-3,
+                                  "d_reg": 1e-3},
+                         "optim": {"seed": seed, "epochs": 2, "batch_size": 16, "lr": 1e-2,
+                                   "method_lr": {}},
+                         "selection": {"max_nnz": None}, "fusion": {"w2_grid": [0.5, 1.0]}})
+        heads, history = fit_in_process(cfg, build_heads(cfg, _StubBackbone()), train, val)
+        return heads.state_dict(), [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+    (sa, ha), (sb, hb), (sc, hc) = run(5), run(5), run(6)
+    assert ha == hb
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert not torch.equal(sa["sparse.transform.weight"], sc["sparse.transform.weight"])
