@@ -6,8 +6,10 @@ default that works on the embedded setup (2 CPU cores, packaged backbone, genera
 Unknown keys and out-of-range values are rejected with a :class:`ConfigError` whose message
 names the offending key (``loss.w1: ...``).
 
-Presets ``blip-coco``, ``blip-flickr``, ``albef-coco`` and ``albef-flickr`` carry the official
-per-setting values of Song et al. (CIKM 2025), from the authors' configs (DESIGN.md §1).
+Presets ``blip-coco``, ``blip-flickr``, ``albef-coco`` and ``albef-flickr`` reproduce the official
+training of Song et al. (CIKM 2025): the per-setting values from the authors' configs (DESIGN.md
+§1), the undetached teacher with the official orientation, no sparsity budget and the fixed
+``w1·cos + w2·sparse`` fusion. ``blip-coco-sdray`` etc. are sdray's variants of them.
 """
 
 from __future__ import annotations
@@ -217,27 +219,60 @@ class SdrayConfig(_Strict):
         return (self.loss.w1 if f.w1 is None else f.w1, self.loss.w2 if f.w2 is None else f.w2)
 
 
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):  # {} replaces
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _official(w1, w2, l1, l2, q_reg, d_reg, lr, backbone: dict) -> dict:
+    """The official training behaviour of Song et al. (holi-lab/mm-sparse-retrieval): its
+    per-setting values, its teacher (not detached, un-transposed text→image teacher), no
+    sparsity budget on checkpoint selection, and its search-time fusion ``w1·cos + w2·sparse``
+    with the loss weights, fixed (not calibrated on val)."""
     return {
         "backbone": backbone,
         "loss": {"w1": w1, "w2": w2, "lambda1": l1, "lambda2": l2, "q_reg": q_reg, "d_reg": d_reg,
-                 "expansion_control": False},
-        "fusion": {"w1": None, "w2": None},
-        "optim": {"lr": lr, "method_lr": {}, "batch_size": 256, "weight_decay": 0.05,
-                  "warmup_fraction": 0.2},
+                 "regularizer": "l1", "expansion_control": False, "detach_teacher": False,
+                 "teacher_orientation": "official"},
+        "fusion": {"method": "raw", "normalize": None, "w1": None, "w2": None, "calibrate": False},
+        "selection": {"max_nnz": None},
+        "optim": {"lr": lr, "method_lr": {}, "sparse_head_lr": None, "batch_size": 256,
+                  "weight_decay": 0.05, "warmup_fraction": 0.2},
     }
+
+
+def _sdray_variant(official: dict) -> dict:
+    """sdray's variant of an official preset: the same per-setting values, with the teacher
+    detached and correctly oriented, checkpoints selected within 256 nnz, and the search-time
+    fusion ``cos/τ + w2·sparse`` with w2 chosen on the val split (DESIGN.md §1, docs/sweep.md)."""
+    return _merge(official, {
+        "loss": {"detach_teacher": True, "teacher_orientation": "correct"},
+        "fusion": {"method": "calibrated", "w1": 1.0, "w2": 1.0, "calibrate": True},
+        "selection": {"max_nnz": 256.0},
+    })
 
 
 _BLIP_COCO = {"name": "blip", "path": "Salesforce/blip-itm-base-coco", "image_size": 384}
 _BLIP_FLICKR = {"name": "blip", "path": "Salesforce/blip-itm-base-flickr", "image_size": 384}
 # ALBEF has no transformers implementation; its presets carry the method's values and leave the
 # backbone to the user (``--backbone`` or ``backbone.*`` overrides).
-PRESETS: dict[str, dict] = {
-    "default": {},
+_OFFICIAL: dict[str, dict] = {
     "blip-coco": _official(0.1, 0.1, 0.9, 0.3, 5e-4, 3e-5, 5e-5, _BLIP_COCO),
     "blip-flickr": _official(0.1, 0.2, 0.7, 0.7, 1e-4, 2e-5, 1e-5, _BLIP_FLICKR),
     "albef-coco": _official(0.2, 0.5, 0.9, 0.3, 1e-5, 3e-5, 5e-5, {}),
     "albef-flickr": _official(0.1, 0.2, 0.3, 0.3, 1e-4, 2e-5, 1e-5, {}),
+}
+#: ``default`` (sdray's defaults for the packaged backbone), the official presets, and
+#: ``NAME-sdray``: sdray's variant of each official preset.
+PRESETS: dict[str, dict] = {
+    "default": {},
+    **_OFFICIAL,
+    **{f"{name}-sdray": _sdray_variant(cfg) for name, cfg in _OFFICIAL.items()},
 }
 
 
@@ -252,18 +287,9 @@ def _validate(data: dict) -> SdrayConfig:
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and value and isinstance(out.get(key), dict):  # {} replaces
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def preset(name: str) -> SdrayConfig:
-    """The named preset (``default``, ``blip-coco``, ``blip-flickr``, ``albef-coco``, ``albef-flickr``)."""
+    """The named preset: ``default``; the official ``blip-coco``, ``blip-flickr``,
+    ``albef-coco``, ``albef-flickr``; sdray's variants ``blip-coco-sdray`` etc."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
     return _validate(PRESETS[name])
