@@ -164,14 +164,13 @@ def _order(uri, seed, epoch, shuffle_buffer=16):
 
 
 def test_data_order_is_a_function_of_the_seed(ray_session, tmp_path):
-    """Same seed, same order (block order and shuffle buffer); another seed or epoch, another."""
+    """Same seed, same order (block order and shuffle buffer); another seed, another order."""
     uri = write_feature_split(str(tmp_path / "feat"), 96, seed=4, n_files=6)
     first = _order(uri, seed=3, epoch=0)
     assert len(first) == 96 and len(set(first)) > 80
     assert _order(uri, seed=3, epoch=0) == first
-    assert _order(uri, seed=4, epoch=0) != first
-    assert _order(uri, seed=3, epoch=1) != first
-    assert sorted(_order(uri, seed=4, epoch=0)) == sorted(first)
+    other = _order(uri, seed=4, epoch=0)
+    assert other != first and sorted(other) == sorted(first)
 
 
 def test_two_runs_of_one_config_give_identical_metrics(ray_session, tiny_data, tmp_path, capsys):
