@@ -91,6 +91,11 @@ SETTINGS: dict[str, tuple[str, str | None, dict]] = {
     "joint-reg1e-3-ec0.5-l2-lr5e-4-w1-0.1": ("joint", "dense", {
         **OFFICIAL, "optim.lr": 5e-4, "loss.q_reg": 1e-3, "loss.d_reg": 1e-3, "loss.expansion_control": True,
         "loss.expansion_end_fraction": 0.5, "loss.lambda2": 0.9, "loss.w1": 1.0, "loss.w2": 0.1}),
+    # the shipped defaults (issue 16 orderings) and the teacher whose fusion weight the index uses
+    "dense-default": ("dense", None, {}),
+    "d2s-default": ("d2s", "dense", {}),
+    "joint-default": ("joint", "dense", {}),
+    "joint-teacher-w2-1": ("joint", "dense", {"loss.w2": 1.0}),
     "joint-flops-ec": ("joint", "dense", {**OFFICIAL, "loss.regularizer": "flops", "loss.q_reg": 5e-2,
                                           "loss.d_reg": 5e-2, "loss.expansion_control": True}),
 }
@@ -104,7 +109,44 @@ def fusions(cfg, tau: float) -> dict:
             "rrf": {"method": "rrf", "k_rrf": cfg.fusion.rrf_k}}
 
 
-def run_setting(name, method, init_state, overrides, train, val, base_overrides, epochs):
+W2_GRID = (0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def direction_sum(res: dict, d: str, rep: str) -> float:
+    return sum(res[d][rep][f"R@{k}"] for k in (1, 5, 10))
+
+
+def fusion_levers(heads, cfg, val: dict, test: dict) -> dict:
+    """Test-split figures of the hybrid levers, every weight chosen on ``val``: one w2 for both
+    directions (the default), one w2 per direction, z-scored scores; plus the test grid itself
+    (diagnostic, never used to choose)."""
+    tau = float(heads.tau.detach())
+    grid = {}
+    for w2 in W2_GRID:
+        grid[f"cal{w2:g}"] = {"method": "calibrated", "w1": 1.0, "w2": w2, "tau": tau}
+        grid[f"z{w2:g}"] = {"method": "calibrated", "w1": 1.0, "w2": w2, "tau": tau, "normalize": "zscore"}
+    rv = evaluate_features(heads, val, cfg, grid)
+    rt = evaluate_features(heads, test, cfg, grid)
+    pick = lambda prefix, dirs: max((n for n in grid if n.startswith(prefix)),  # noqa: E731
+                                    key=lambda n: (sum(direction_sum(rv, d, "hybrid_" + n) for d in dirs),
+                                                   -grid[n]["w2"]))
+    both, zs = pick("cal", ("t2i", "i2t")), pick("z", ("t2i", "i2t"))
+    per = {d: pick("cal", (d,)) for d in ("t2i", "i2t")}
+    out = {"val_w2": grid[both]["w2"], "val_w2_zscore": grid[zs]["w2"],
+           "val_w2_per_direction": {d: grid[n]["w2"] for d, n in per.items()}}
+    for label, names in (("hybrid", {"t2i": both, "i2t": both}), ("hybrid_zscore", {"t2i": zs, "i2t": zs}),
+                         ("hybrid_per_direction", per)):
+        out[label] = {"rsum": sum(direction_sum(rt, d, "hybrid_" + n) for d, n in names.items()),
+                      "t2i_R@1": rt["t2i"]["hybrid_" + names["t2i"]]["R@1"]}
+    for rep in ("dense", "sparse"):
+        out[rep] = {"rsum": rsum(rt, rep), "t2i_R@1": rt["t2i"][rep]["R@1"]}
+    out["test_grid"] = {n: {"rsum": rsum(rt, "hybrid_" + n), "t2i_R@1": rt["t2i"]["hybrid_" + n]["R@1"]}
+                        for n in grid}
+    out["sparsity"] = rt["sparsity"]
+    return out
+
+
+def run_setting(name, method, init_state, overrides, train, val, base_overrides, epochs, test=None):
     from sdray.backbones import load_backbone
     from sdray.model import build_heads
 
@@ -133,11 +175,43 @@ def run_setting(name, method, init_state, overrides, train, val, base_overrides,
            "kept_epoch": kept, "tau": tau, "seconds": seconds, "fusion": res["fusion"],
            "rsum": {k: rsum(res, k) for k in res["t2i"]}, "sparsity": res["sparsity"],
            "t2i_R@1": {k: res["t2i"][k]["R@1"] for k in res["t2i"]},
+           "seed": cfg.optim.seed,
            "history": [{"epoch": r["epoch"], "loss": r["loss"], "tau": r["tau"],
                         "rsum_dense": rsum(r["val"], "dense"), "rsum_sparse": rsum(r["val"], "sparse"),
                         "text_nnz": r["val"]["sparsity"]["text_nnz"],
                         "image_nnz": r["val"]["sparsity"]["image_nnz"]} for r in history]}
+    if test is not None:
+        row["test"] = fusion_levers(heads, cfg, val, test)
     return row, heads_state(heads)
+
+
+def _mean_std(xs: list[float]) -> str:
+    import numpy as np
+
+    xs = [100 * x for x in xs]
+    return f"{np.mean(xs):.1f}" + (f" ± {np.std(xs, ddof=1):.1f}" if len(xs) > 1 else "")
+
+
+def eval_table(rows: list[dict]) -> str:
+    """Eval-split figures per setting over seeds: mean ± std (sample std) of RSUM and t2i R@1."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if "test" in r:
+            by.setdefault(r["name"], []).append(r)
+    head = ("| setting | seeds | dense RSUM | sparse RSUM | hybrid RSUM | hybrid per-direction | "
+            "hybrid z-score | t2i R@1 dense | t2i R@1 hybrid | t2i R@1 per-dir. | t2i R@1 z | "
+            "nnz text / image |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, rs in by.items():
+        t = [r["test"] for r in rs]
+        col = lambda k, m: _mean_std([x[k][m] for x in t])  # noqa: E731
+        nnz = (sum(x["sparsity"]["text_nnz"] for x in t) / len(t), sum(x["sparsity"]["image_nnz"] for x in t) / len(t))
+        lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {col('dense', 'rsum')} | "
+                     f"{col('sparse', 'rsum')} | {col('hybrid', 'rsum')} | {col('hybrid_per_direction', 'rsum')} | "
+                     f"{col('hybrid_zscore', 'rsum')} | {col('dense', 't2i_R@1')} | {col('hybrid', 't2i_R@1')} | "
+                     f"{col('hybrid_per_direction', 't2i_R@1')} | {col('hybrid_zscore', 't2i_R@1')} | "
+                     f"{nnz[0]:.0f} / {nnz[1]:.0f} |")
+    return "\n".join(lines)
 
 
 def _kept(r: dict, budget: float = 256.0):
@@ -206,14 +280,21 @@ def main(argv=None) -> int:
     p.add_argument("--table", action="store_true")
     p.add_argument("--fusion-grid", metavar="SETTING", help="re-score a finished run's saved heads with a grid of fusions")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seeds", type=int, nargs="*", default=None,
+                   help="optim.seed of each run (default: the config's); rows are kept per seed")
+    p.add_argument("--eval-split", default=None,
+                   help="also report every run on FEAT/<split> (e.g. test), with the fusion levers "
+                        "(weights chosen on val); --table then prints mean ± std over seeds")
     args = p.parse_args(argv)
     done = {}
     if os.path.exists(args.out):
         for line in open(args.out):
             r = json.loads(line)
-            done[(r["name"], r.get("epochs"))] = r  # a setting may be run at several epoch counts
+            # a setting may be run at several epoch counts and seeds
+            done[(r["name"], r.get("epochs"), r.get("seed", 0))] = r
     if args.table:
-        print(table(list(done.values())))
+        rows = list(done.values())
+        print(eval_table(rows) if any("test" in r for r in rows) else table(rows))
         return 0
     if args.fusion_grid:
         return fusion_grid(args)
@@ -226,35 +307,42 @@ def main(argv=None) -> int:
     epochs = args.epochs or config_lib.SdrayConfig().optim.epochs
     train = read_feature_columns(os.path.join(args.features, "train"))
     val = read_feature_columns(os.path.join(args.features, "val"))
-    print(f"train {len(train['caption'])} pairs, val {len(val['caption'])} pairs", flush=True)
+    test = (read_feature_columns(os.path.join(args.features, args.eval_split))
+            if args.eval_split else None)
+    print(f"train {len(train['caption'])} pairs, val {len(val['caption'])} pairs"
+          + (f", {args.eval_split} {len(test['caption'])} pairs" if test else ""), flush=True)
     names = args.only or list(SETTINGS)
-    dense_state = None
-    state_path = args.out + ".dense.safetensors"
     from safetensors.torch import load_file, save_file
 
-    if os.path.exists(state_path):
-        dense_state = load_file(state_path)
-    for name in names:
-        method, init, overrides = SETTINGS[name]
-        if (name, epochs) in done:
-            continue
-        if init and dense_state is None:
-            print(f"skip {name}: no dense run yet", file=sys.stderr)
-            continue
-        print(f"== {name}", flush=True)
-        row, state = run_setting(name, method, dense_state if init else None, overrides, train, val,
-                                 base, epochs)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        save_file(state, f"{args.out}.{name}.e{epochs}.safetensors")  # for re-evaluating fusions
-        done[(name, epochs)] = row
-        if method == "dense" and (args.dense_from in (None, name)):
-            best_dense = max((r for r in done.values() if r["method"] == "dense"),
-                             key=lambda r: r["rsum"]["dense"])
-            if best_dense["name"] == name:
-                dense_state = state
-                save_file(state, state_path)
-    print(table(list(done.values())))
+    seeds = args.seeds if args.seeds else [int(base.get("optim.seed", 0))]
+    for seed in seeds:
+        base_s = {**base, "optim.seed": seed}
+        suffix = "" if args.seeds is None else f".s{seed}"
+        state_path = f"{args.out}.dense{suffix}.safetensors"
+        dense_state = load_file(state_path) if os.path.exists(state_path) else None
+        for name in names:
+            method, init, overrides = SETTINGS[name]
+            if (name, epochs, seed) in done:
+                continue
+            if init and dense_state is None:
+                print(f"skip {name}: no dense run yet", file=sys.stderr)
+                continue
+            print(f"== {name} (seed {seed})", flush=True)
+            row, state = run_setting(name, method, dense_state if init else None, overrides, train,
+                                     val, base_s, epochs, test)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            save_file(state, f"{args.out}.{name}.e{epochs}{suffix}.safetensors")  # for re-scoring
+            done[(name, epochs, seed)] = row
+            if method == "dense" and (args.dense_from in (None, name)):
+                best_dense = max((r for r in done.values()
+                                  if r["method"] == "dense" and r.get("seed", 0) == seed),
+                                 key=lambda r: r["rsum"]["dense"])
+                if best_dense["name"] == name:
+                    dense_state = state
+                    save_file(state, state_path)
+    rows = list(done.values())
+    print(eval_table(rows) if test is not None else table(rows))
     return 0
 
 
