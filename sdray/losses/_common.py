@@ -15,16 +15,6 @@ def check_pair(name: str, img: Tensor, txt: Tensor) -> None:
         raise ValueError(f"{name}: feature sizes differ: {img.shape[1]} vs {txt.shape[1]}")
 
 
-def check_pos(pos: Tensor | None, b_i: int, b_t: int) -> Tensor | None:
-    if pos is None:
-        if b_i != b_t:
-            raise ValueError("pos=None (identity targets) needs as many images as texts")
-        return None
-    if pos.shape != (b_i, b_t):
-        raise ValueError(f"pos has shape {tuple(pos.shape)}, expected {(b_i, b_t)}")
-    return pos.bool()
-
-
 def as_temperature(temperature: Tensor | float, like: Tensor) -> Tensor:
     t = temperature if isinstance(temperature, Tensor) else torch.tensor(float(temperature))
     if t.numel() != 1:
