@@ -35,7 +35,14 @@ class DeploymentKnobs(_Strict):
     max_ongoing_requests: int = Field(32, ge=1, le=100_000)
     upscale_delay_s: float = Field(3.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
+    max_queued_requests: int = Field(
+        64, ge=-1, le=100_000, description="Requests waiting for a replica (per caller) before "
+        "new ones are refused at once with 503 + Retry-After; -1: unbounded.")
+    retry_after_s: float = Field(1.0, ge=0, le=3600, description="Retry-After of those 503s.")
     num_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (CUDA when visible).")
+    memory_bytes: int | None = Field(None, ge=0, description="Memory declared to Ray per replica; "
+                                     "shard searchers default to their shard files' size.")
 
     @model_validator(mode="after")
     def _order(self) -> "DeploymentKnobs":
@@ -45,10 +52,18 @@ class DeploymentKnobs(_Strict):
 
     def options(self) -> dict:
         """Keyword arguments for ``Deployment.options``."""
+        actor: dict = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor["num_gpus"] = self.num_gpus
+        if self.memory_bytes:
+            actor["memory"] = self.memory_bytes
         out: dict = {
             "max_ongoing_requests": self.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": actor,
         }
+        if self.max_queued_requests >= 0:
+            out["backpressure_config"] = {"status_code": 503, "retry_after_s": self.retry_after_s}
         if self.max_replicas > self.min_replicas:
             out["autoscaling_config"] = {
                 "min_replicas": self.min_replicas,
@@ -107,12 +122,37 @@ class ServeConfig(_Strict):
     candidates: int | None = Field(None, ge=1, description="Hybrid candidate depth per index and "
                                    "shard; default: the index's own setting, at least k.")
     default_mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
-    auth_token: str | None = Field(None, description="Bearer token required on /v1/*; None: open.")
+    auth_token: str | None = Field(None, description="One bearer token (key name 'default') "
+                                   "required on /v1/*; see also api_keys_file / $SDRAY_API_KEYS.")
+    api_keys_file: str | None = Field(None, description="File of API keys, one 'name:key' a line "
+                                      "(a mounted Kubernetes Secret); any key opens /v1/*.")
+    api_keys_env: str = Field("SDRAY_API_KEYS", description="Environment variable holding more "
+                              "'name:key' pairs (comma or newline separated).")
+    rate_limit_per_s: float | None = Field(None, gt=0, description="Requests per second per API "
+                                           "key and ingress replica (token bucket); None: no limit.")
+    rate_burst: int = Field(20, ge=1, le=100_000, description="Token-bucket size of that limit.")
+    image_url_ttl_s: int = Field(900, ge=10, le=86_400, description="Lifetime of the signed "
+                                 "thumbnail URLs in search responses.")
+    max_inflight: int = Field(96, ge=1, le=100_000, description="Requests an ingress replica works "
+                              "on at once; more get an immediate 503 + Retry-After.")
+    encoder_in_ingress: bool = Field(False, description="Encode queries inside the ingress replica "
+                                     "(no QueryEncoder deployment): one hop fewer, for small "
+                                     "deployments; the ingress then scales with the encoder load.")
+    use_gpu: bool = Field(False, description="Encoder replicas reserve one GPU and encode on CUDA.")
+    faiss_gpu: bool = Field(False, description="Shard searchers move dense FAISS indexes to the GPU "
+                            "(sdray.index.dense.to_gpu; unchanged without faiss GPU support).")
+    mmap: bool = Field(True, description="Memory-map shard files (FAISS IO_FLAG_MMAP, NumPy "
+                       "mmap_mode); shards on s3:// are copied to shard_cache_dir first.")
+    shard_cache_dir: str | None = Field(None, description="Local folder for shard files fetched "
+                                        "from object storage; default: a temp folder.")
+    memory_per_shard_byte: float = Field(1.2, ge=0, description="Memory declared to Ray per "
+                                         "searcher replica = this × its shard files' bytes.")
     poll_interval_s: float = Field(5.0, ge=0, description="How often the version pointer is "
                                    "read for hot swaps; 0 disables hot swap.")
     swap_grace_s: float = Field(1.0, ge=0, description="Wait after a new version appears before "
                                 "the ingress switches (searchers preload meanwhile).")
-    request_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(10.0, gt=0, description="One deadline per request across "
+                                     "encoding, search and explanation; past it: 504.")
 
     @model_validator(mode="after")
     def _limits(self) -> "ServeConfig":

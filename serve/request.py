@@ -44,6 +44,7 @@ class Query:
     mode: str
     fusion: FusionParams = field(default_factory=FusionParams)
     explain: int = 8
+    allow_partial: bool = False
 
     @property
     def direction(self) -> str:
@@ -77,6 +78,10 @@ def parse_json(body: bytes) -> SearchRequest:
     except json.JSONDecodeError as err:
         raise ApiError(400, f"request body is not valid JSON: {err.msg} at line {err.lineno} "
                             f"column {err.colno}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.int_info)
+        raise ApiError(400, "request body holds a number too large to read") from None
     if not isinstance(data, dict):
         raise ApiError(422, f"request body must be a JSON object, not {type(data).__name__}")
     try:
@@ -125,16 +130,23 @@ def parse_form(body: bytes, content_type: str) -> tuple[SearchRequest, bytes | N
             raise ApiError(422, f"form field '{name}' is not UTF-8 text") from None
         if name == "image" and not value:
             continue
-        if name in ("k", "explain"):
+        if name == "allow_partial":
+            if value not in ("true", "false"):
+                raise ApiError(422, "allow_partial: must be true or false")
+            data[name] = value == "true"
+        elif name in ("k", "explain"):
             try:
                 data[name] = int(value)
             except ValueError:
                 raise ApiError(422, f"{name}: must be an integer, got {value[:40]!r}") from None
         elif name == "fusion":
             try:
-                fusion.update(json.loads(value))
-            except (json.JSONDecodeError, TypeError, ValueError):
+                given = json.loads(value)
+            except (ValueError, RecursionError):
                 raise ApiError(422, "fusion: must be a JSON object") from None
+            if not isinstance(given, dict):
+                raise ApiError(422, "fusion: must be a JSON object")
+            fusion.update(given)
         elif name.startswith("fusion."):
             key = name.split(".", 1)[1]
             if key == "method":
@@ -223,7 +235,8 @@ def to_query(req: SearchRequest, cfg: ServeConfig, upload: bytes | None = None) 
         image = upload if upload is not None else decode_base64_image(req.image, cfg.max_image_bytes)
         check_image(image, cfg)
     explain = cfg.explain_terms if req.explain is None else req.explain
-    return Query(text=text, image=image, k=k, mode=mode, fusion=fusion, explain=explain)
+    return Query(text=text, image=image, k=k, mode=mode, fusion=fusion, explain=explain,
+                 allow_partial=bool(req.allow_partial))
 
 
 def parse_request(body: bytes, content_type: str | None, cfg: ServeConfig) -> Query:

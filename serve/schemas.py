@@ -42,6 +42,8 @@ class SearchRequest(BaseModel):
     mode: str | None = Field(None, description="dense | sparse | hybrid (default hybrid).")
     fusion: FusionParams | None = None
     explain: int | None = Field(None, ge=0, le=100, description="Explanation terms per hit.")
+    allow_partial: bool | None = Field(None, description="When a shard group fails: answer with "
+                                       "the other groups' hits and shards_failed instead of a 503.")
 
 
 class Term(BaseModel):
@@ -66,6 +68,7 @@ class Hit(BaseModel):
     scores: Scores
     explanation: list[Term]
     shard: int | None = None
+    thumbnail: str | None = Field(None, description="Signed relative URL of the hit's thumbnail.")
 
 
 class QueryTerm(BaseModel):
@@ -83,6 +86,7 @@ class SearchResponse(BaseModel):
     query_terms: list[QueryTerm] = Field(default_factory=list,
                                          description="Heaviest terms of the sparse query.")
     took_ms: float
+    shards_failed: int = Field(0, description="Shards whose group failed (allow_partial only).")
     timings: dict[str, float] = Field(default_factory=dict,
                                       description="encode_ms, search_ms (inside the ingress), batch_size")
 
