@@ -6,10 +6,13 @@
 For each concurrency level the same text queries (hybrid, k=10, explanations on) go
 (a) in process: ``model.encode_texts`` + ``Retriever.search`` from a thread pool, and
 (b) through Serve over HTTP (``POST /v1/search``) from a thread pool of clients.
-It prints p50/p99 latency, QPS and error counts for both, and the Serve/in-process p50 ratio
-(target ≤ 2× at concurrency 1). ``--kill`` then runs one more level during which a QueryEncoder
-replica is killed (``ray.kill``) and reports how many requests failed and when service recovered.
-``--json`` prints every number as one JSON object on the last line.
+It prints p50/p99 latency, QPS and error counts for both, the Serve/in-process p50 ratio
+(target ≤ 1.5× at concurrency 1) and QPS ratio (target ≥ 1 at concurrency 8), for each encoder
+placement in ``--variants`` (``deployment``: a QueryEncoder deployment, one hop more;
+``ingress``: the encoder inside the ingress replica, ``encoder_in_ingress``), all in one run
+against the same in-process baseline. ``--kill`` then runs one more level during which a
+QueryEncoder replica is killed (``ray.kill``) and reports how many requests failed and when
+service recovered. ``--json`` prints every number as one JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--kill", action="store_true", help="kill an encoder replica under load")
     p.add_argument("--num-cpus", type=int, default=4)
+    p.add_argument("--variants", default="deployment,ingress",
+                   help="encoder placements to measure: deployment, ingress (comma separated)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.requests > 2000:
@@ -187,35 +192,46 @@ def main(argv: list[str] | None = None) -> int:
     root, pinned = mf.index_root(args.index)
     model_uri = args.model or mf.load_manifest(root, pinned)["model"]
     levels = [int(c) for c in args.concurrency.split(",")]
-    cfg = ServeConfig(index=args.index, model=model_uri, port=_free_port(), poll_interval_s=0)
-    explain = cfg.explain_terms
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    explain = ServeConfig(index=args.index).explain_terms
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        t0 = time.perf_counter()
-        url = deploy(cfg)
-        print(f"serve up in {time.perf_counter() - t0:.1f}s at {url}", flush=True)
         model = RetrievalModel.load(model_uri)
         retriever = Retriever.load(args.index)
-        for q in QUERIES[:4]:  # warm both paths
+        for q in QUERIES[:4]:
             run_inprocess(model, retriever, [q], 1, 1, args.k, explain)
-            _post(url, {"text": q, "k": args.k})
-        rows = []
-        for c in levels:
-            ip = run_inprocess(model, retriever, QUERIES, args.requests, c, args.k, explain)
-            sv = run_serve(url, QUERIES, args.requests, c, args.k)
-            rows.append({"concurrency": c, "inprocess": ip, "serve": sv,
-                         "p50_ratio": sv["p50_ms"] / ip["p50_ms"] if ip["p50_ms"] else None})
-        report: dict = {"index": args.index, "requests_per_level": args.requests, "levels": rows}
-        print()
-        print(f"{'conc':>4} | {'in-proc p50':>11} {'p99':>8} {'QPS':>7} | {'serve p50':>9} {'p99':>8} "
-              f"{'QPS':>7} {'errors':>6} | {'p50 ratio':>9}")
-        for r in rows:
-            ip, sv = r["inprocess"], r["serve"]
-            print(f"{r['concurrency']:>4} | {ip['p50_ms']:>9.1f}ms {ip['p99_ms']:>6.1f}ms {ip['qps']:>7.1f} | "
-                  f"{sv['p50_ms']:>7.1f}ms {sv['p99_ms']:>6.1f}ms {sv['qps']:>7.1f} {sv['errors']:>6} | "
-                  f"{r['p50_ratio']:>8.2f}x")
-        if args.kill:
+        baseline = {c: run_inprocess(model, retriever, QUERIES, args.requests, c, args.k, explain)
+                    for c in levels}
+        report: dict = {"index": args.index, "requests_per_level": args.requests,
+                        "load_average": os.getloadavg(), "inprocess": baseline, "variants": {}}
+        url = None
+        for variant in variants:
+            cfg = ServeConfig(index=args.index, model=model_uri, port=_free_port(), poll_interval_s=0,
+                              encoder_in_ingress=variant == "ingress")
+            t0 = time.perf_counter()
+            url = deploy(cfg)
+            print(f"[{variant}] serve up in {time.perf_counter() - t0:.1f}s at {url}", flush=True)
+            for q in QUERIES[:4]:
+                _post(url, {"text": q, "k": args.k})
+            rows = []
+            for c in levels:
+                ip, sv = baseline[c], run_serve(url, QUERIES, args.requests, c, args.k)
+                rows.append({"concurrency": c, "inprocess": ip, "serve": sv,
+                             "p50_ratio": sv["p50_ms"] / ip["p50_ms"] if ip["p50_ms"] else None,
+                             "qps_ratio": sv["qps"] / ip["qps"] if ip["qps"] else None})
+            report["variants"][variant] = rows
+            print(f"\nencoder placement: {variant}")
+            print(f"{'conc':>4} | {'in-proc p50':>11} {'p99':>8} {'QPS':>7} | {'serve p50':>9} {'p99':>8} "
+                  f"{'QPS':>7} {'errors':>6} | {'p50 ratio':>9} {'QPS ratio':>9}")
+            for r in rows:
+                ip, sv = r["inprocess"], r["serve"]
+                print(f"{r['concurrency']:>4} | {ip['p50_ms']:>9.1f}ms {ip['p99_ms']:>6.1f}ms {ip['qps']:>7.1f} | "
+                      f"{sv['p50_ms']:>7.1f}ms {sv['p99_ms']:>6.1f}ms {sv['qps']:>7.1f} {sv['errors']:>6} | "
+                      f"{r['p50_ratio']:>8.2f}x {r['qps_ratio']:>8.2f}x")
+            if variant != variants[-1]:
+                serve.shutdown()
+        if args.kill and url:
             kt = kill_test(url, QUERIES, max(args.requests, 96), 8, args.k)
             report["kill"] = kt
             print(f"\nreplica kill under load (concurrency 8): {kt['failed']} of {kt['requests']} requests "

@@ -2,6 +2,7 @@
 
     sdray serve --index URI [--model URI] [--host 127.0.0.1] [--port 8000] [--config serve.yaml]
                 [--replicas-per-shard N] [--encoder-max-replicas N] [--auth-token T] [--k-max K]
+                [--api-keys-file F] [--rate-limit R] [--encoder-in-ingress] [--use-gpu] [--faiss-gpu]
 
 ``--config`` reads :class:`serve.config.ServeConfig` fields from YAML/JSON (flags override it).
 Starts a local Ray (or joins ``RAY_ADDRESS``), waits for ``/healthz`` and prints the URL, then
@@ -37,6 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-max", type=int, default=None)
     parser.add_argument("--auth-token", default=os.environ.get("SDRAY_AUTH_TOKEN"),
                         help="require 'Authorization: Bearer TOKEN' on /v1/* (env SDRAY_AUTH_TOKEN)")
+    parser.add_argument("--api-keys-file", default=None,
+                        help="file of 'name:key' lines; any key opens /v1/* (also $SDRAY_API_KEYS)")
+    parser.add_argument("--rate-limit", type=float, default=None,
+                        help="requests/s per API key and ingress replica (429 beyond)")
+    parser.add_argument("--request-timeout", type=float, default=None,
+                        help="one deadline per request across encode, search and explain (504 past it)")
+    parser.add_argument("--encoder-in-ingress", action="store_true",
+                        help="encode queries inside the ingress replica (one hop fewer; small deployments)")
+    parser.add_argument("--use-gpu", action="store_true",
+                        help="encoder replicas reserve one GPU and encode on CUDA")
+    parser.add_argument("--faiss-gpu", action="store_true",
+                        help="shard searchers move dense FAISS indexes to the GPU (faiss GPU build)")
     parser.add_argument("--poll-interval", type=float, default=None,
                         help="seconds between checks for a newly published index version (0: never)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
@@ -62,9 +75,13 @@ def config_from_args(args: argparse.Namespace):
     if args.auth_token:
         data["auth_token"] = args.auth_token
     for flag, key in (("k_max", "k_max"), ("shard_groups", "shard_groups"),
-                      ("poll_interval", "poll_interval_s")):
+                      ("poll_interval", "poll_interval_s"), ("api_keys_file", "api_keys_file"),
+                      ("rate_limit", "rate_limit_per_s"), ("request_timeout", "request_timeout_s")):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
+    for flag in ("encoder_in_ingress", "use_gpu", "faiss_gpu"):
+        if getattr(args, flag):
+            data[flag] = True
     if args.replicas_per_shard is not None:
         data.setdefault("shards", {}).update(min_replicas=args.replicas_per_shard,
                                              max_replicas=args.replicas_per_shard)
@@ -112,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
             ray.init(num_cpus=args.num_cpus, **kwargs)
     try:
         url = deploy(cfg, wait_s=args.timeout)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - reported, then Serve is shut down
         print(f"sdray serve: failed to start: {type(err).__name__}: {err}", file=sys.stderr)
         serve.shutdown()
         return 1

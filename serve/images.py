@@ -3,7 +3,10 @@
 An index row's ``uri`` (``meta.parquet``) may be:
 
 * ``<shard uri>#<key>`` (or ``::<key>``): sample ``key`` of a WebDataset tar / Parquet corpus
-  shard (local path or ``s3://``). The shard is scanned once and its images kept in a small LRU;
+  shard (local path or ``s3://``). A tar is never read whole: its 512-byte member headers are
+  walked with seeks (:func:`tar_members`, cached per shard: name → (offset, size)) and only the
+  member's bytes are read (a range request on object storage). A Parquet shard is scanned once
+  and its images kept in a small LRU;
 * a plain file URI (local path or ``s3://``) of an image file;
 * a ``data:image/...;base64,`` URI.
 
@@ -21,7 +24,7 @@ from PIL import Image
 
 from sdray import storage
 from sdray.data.decode import decode_image
-from sdray.data.formats import iter_shard_samples
+from sdray.data.formats import IMAGE_EXTS, iter_shard_samples
 from sdray.data.skips import SkipCounts
 
 _SHARD_CACHE: OrderedDict[str, dict[str, bytes]] = OrderedDict()
@@ -58,6 +61,70 @@ def _shard_images(shard_uri: str) -> dict[str, bytes]:
     return images
 
 
+_TAR_INDEX: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
+_TAR_INDEX_MAX = 64
+BLOCK = 512
+
+
+def _octal(field: bytes) -> int:
+    text = field.rstrip(b"\0 ").strip()
+    if text[:1] and text[0] & 0x80:  # GNU base-256 size
+        return int.from_bytes(field[1:], "big")
+    return int(text or b"0", 8)
+
+
+def tar_members(f) -> dict[str, tuple[int, int]]:
+    """``{member name: (data offset, size)}`` of a tar file object, reading headers only (seeks).
+
+    Handles ustar prefixes, GNU long names (``L``) and pax ``path`` records (``x``).
+    """
+    out: dict[str, tuple[int, int]] = {}
+    pos, long_name = 0, None
+    while True:
+        f.seek(pos)
+        header = f.read(BLOCK)
+        if len(header) < BLOCK or header == b"\0" * BLOCK:
+            return out
+        size = _octal(header[124:136])
+        kind = header[156:157]
+        data = pos + BLOCK
+        if kind in (b"L", b"x"):
+            f.seek(data)
+            extra = f.read(min(size, 1 << 16))
+            if kind == b"L":
+                long_name = extra.rstrip(b"\0").decode("utf-8", "replace")
+            else:
+                for rec in extra.decode("utf-8", "replace").split("\n"):
+                    if " path=" in rec:
+                        long_name = rec.split(" path=", 1)[1]
+        else:
+            name = header[0:100].rstrip(b"\0").decode("utf-8", "replace")
+            prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
+            if kind in (b"0", b"\0"):
+                out[long_name or (f"{prefix}/{name}" if prefix else name)] = (data, size)
+            long_name = None
+        pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+def _tar_image(shard_uri: str, key: str) -> bytes:
+    with _LOCK:
+        members = _TAR_INDEX.get(shard_uri)
+    with storage.open_uri(shard_uri, "rb") as f:
+        if members is None:
+            members = tar_members(f)
+            with _LOCK:
+                _TAR_INDEX[shard_uri] = members
+                while len(_TAR_INDEX) > _TAR_INDEX_MAX:
+                    _TAR_INDEX.popitem(last=False)
+        for ext in IMAGE_EXTS:
+            for name in (f"{key}.{ext}", f"{key}.{ext.upper()}"):
+                if name in members:
+                    offset, size = members[name]
+                    f.seek(offset)
+                    return f.read(size)
+    raise KeyError(f"sample {key!r} not found in {shard_uri}")
+
+
 def read_image_bytes(uri: str) -> bytes:
     """The original image bytes behind ``uri`` (see module docstring); KeyError if absent."""
     if uri.startswith("data:"):
@@ -66,6 +133,8 @@ def read_image_bytes(uri: str) -> bytes:
     base, key = split_uri(uri)
     if key is None:
         return storage.read_bytes(base)
+    if base.endswith(".tar"):
+        return _tar_image(base, key)
     images = _shard_images(base)
     if key not in images:
         raise KeyError(f"sample {key!r} not found in {base}")

@@ -275,6 +275,7 @@ def built_deployment_names(app_cfg: dict, monkeypatch) -> set[str]:
     args = dict(app_cfg.get("args") or {})
     monkeypatch.setattr(serve_app, "model_uri", lambda cfg: cfg.model or "s3://stub/model")
     monkeypatch.setattr(serve_app, "n_groups", lambda cfg: cfg.shard_groups or 2)
+    monkeypatch.setattr(serve_app, "shard_memory", lambda cfg, groups: [1 << 30] * groups)
     app = call_user_app_builder_with_args_if_necessary(builder, args)
     built = serve_build(app, name=app_cfg["name"])
     return {d.name for d in built.deployments}

@@ -62,7 +62,7 @@ def app(ray_ctx, tmp_path_factory):
     serve.shutdown()
 
 
-def call(url, path, body=None, token=TOKEN, ctype="application/json", method=None):
+def call(url, path, body=None, token=TOKEN, ctype="application/json", method=None, headers=False):
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     req = urllib.request.Request(url + path, data=data, method=method or ("POST" if data is not None else "GET"))
     if data is not None:
@@ -71,10 +71,11 @@ def call(url, path, body=None, token=TOKEN, ctype="application/json", method=Non
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            raw, status, rtype = r.read(), r.status, r.headers.get("content-type", "")
+            raw, status, hdrs = r.read(), r.status, r.headers
     except urllib.error.HTTPError as err:
-        raw, status, rtype = err.read(), err.code, err.headers.get("content-type", "")
-    return status, (json.loads(raw) if "json" in rtype else raw)
+        raw, status, hdrs = err.read(), err.code, err.headers
+    out = json.loads(raw) if "json" in hdrs.get("content-type", "") else raw
+    return (status, out, hdrs) if headers else (status, out)
 
 
 def corpus_image(demo) -> bytes:
@@ -144,6 +145,9 @@ def test_image_query_returns_captions_base64_and_multipart(app):
     ({"text": "a", "k": 21}, 422, "between 1 and 20"),
     ({"text": "a", "mode": "psychic"}, 422, "unknown mode"),
     ({"image": base64.b64encode(b"GIF89a broken").decode()}, 422, "cannot be decoded"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    (b'{"text": {"a":' * 5_000 + b"1" + b"}" * 5_001, 400, "nested too deeply"),
+    (b'{"text": "a", "k": ' + b"7" * 5_000 + b"}", 400, "number too large"),
 ])
 def test_bad_requests_get_4xx_json_errors(app, body, status, words):
     url, _, _ = app
@@ -154,7 +158,7 @@ def test_bad_requests_get_4xx_json_errors(app, body, status, words):
 def test_auth_limits_routes_and_replica_survives(app):
     url, _, _ = app
     status, body = call(url, "/v1/search", {"text": "a"}, token=None)
-    assert status == 401 and "token" in body["error"]
+    assert status == 401 and "API key" in body["error"]
     assert call(url, "/v1/search", {"text": "a"}, token="wrong")[0] == 401
     huge = json.dumps({"image": "A" * (12 * 1024 * 1024)}).encode()
     status, body = call(url, "/v1/search", huge)
@@ -169,6 +173,11 @@ def test_health_openapi_metrics_and_thumbnails(app):
     url, demo, _ = app
     status, body = call(url, "/healthz", token=None)
     assert status == 200 and body["status"] == "ok" and body["shards"] == 2
+    assert call(url, "/readyz", token=None)[1]["shards_ready"] == 2
+    assert call(url, "/livez", token=None) == (200, {"status": "ok"})
+    status, page, hdrs = call(url, "/", token=None, headers=True)
+    assert status == 200 and "default-src 'self'" in hdrs["Content-Security-Policy"]
+    assert hdrs["X-Content-Type-Options"] == "nosniff"
     status, spec = call(url, "/openapi.json", token=None)
     assert status == 200 and "/v1/search" in spec["paths"] and "/healthz" in spec["paths"]
     status, text = call(url, "/metrics", token=None)
@@ -177,7 +186,14 @@ def test_health_openapi_metrics_and_thumbnails(app):
     assert "sdray_encoder_batch_size" in text
     status, jpeg = call(url, f"/v1/images/{demo.image_ids[0]}?size=64")
     assert status == 200 and jpeg[:2] == b"\xff\xd8"
-    assert call(url, f"/v1/images/{demo.image_ids[0]}?token={TOKEN}", token=None)[0] == 200
+    assert call(url, f"/v1/images/{demo.image_ids[0]}?token={TOKEN}", token=None)[0] == 401  # no key in URLs
+    status, body, hdrs = call(url, "/v1/search", {"text": "a red circle", "k": 2}, headers=True)
+    assert len(hdrs["X-Request-Id"]) >= 8
+    signed = body["hits"][0]["thumbnail"]
+    assert TOKEN not in signed and "sig=" in signed
+    status, jpeg = call(url, "/" + signed, token=None)  # what an <img src> fetches: no key
+    assert status == 200 and jpeg[:2] == b"\xff\xd8"
+    assert call(url, "/" + signed.replace("size=256", "size=1024"), token=None)[0] == 401
     assert call(url, "/v1/images/no-such-image")[0] == 404
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from serve.config import DeploymentKnobs, ServeConfig
 from serve.request import ApiError, parse_request
-from serve.searcher import Fusion, ShardGroup, merge
+from serve.shard_group import Fusion, ShardGroup, merge
 
 CFG = ServeConfig(index="/nonexistent", k_max=50, max_image_bytes=200_000, max_image_pixels=1_000_000)
 
@@ -245,44 +245,112 @@ class _Remote:
         return call()
 
 
-def _fake_group(loaded: bool, error=None):
+def _fake_group(loaded: bool, error=False):
     return types.SimpleNamespace(status=_Remote(lambda v: {"loaded": loaded, "error": error, "versions": []}),
                                  prepare=_Remote(lambda v: True))
 
 
-def _ingress(random_index, groups, **cfg):
-    from serve.app import Ingress
+def _ingress(random_index, groups, encoder_up=True, **cfg):
+    from serve.ingress import Ingress
 
     out, _, _ = random_index
-    encoder = types.SimpleNamespace(info=_Remote(lambda uri: {"vocabulary": [], "fusion": {}, "method": None}))
+
+    def ping():
+        if not encoder_up:
+            raise RuntimeError("replica died: secret detail")
+        return True
+
+    encoder = types.SimpleNamespace(info=_Remote(lambda uri: {"vocabulary": [], "fusion": {}, "method": None}),
+                                    ping=_Remote(ping))
     cls = Ingress.func_or_class.__mro__[1]  # the class under @serve.ingress's ASGI wrapper
-    return cls(ServeConfig(index=out, model="/m", **cfg).model_dump(), encoder, groups)
+    return cls(ServeConfig(index=out, model="/m", poll_interval_s=0, **cfg).model_dump(), encoder, groups)
 
 
-def test_healthz_is_503_until_every_shard_group_has_loaded(random_index):
-    ing = _ingress(random_index, [_fake_group(True), _fake_group(False)])
-    resp = asyncio.run(ing.healthz())
-    assert resp.status_code == 503 and json.loads(resp.body)["status"] == "loading"
-    ing = _ingress(random_index, [_fake_group(True), _fake_group(False, "IndexFileError: corrupt")])
-    body = json.loads(asyncio.run(ing.healthz()).body)
-    assert body["status"] == "error" and "corrupt" in body["detail"]
-    ing = _ingress(random_index, [_fake_group(True), _fake_group(True)])
-    assert asyncio.run(ing.healthz())["status"] == "ok"
+def _ready(ing):
+    resp = asyncio.run(ing.readyz())
+    return resp.status_code, json.loads(resp.body)
 
 
-def test_bearer_token_is_checked(random_index):
-    ing = _ingress(random_index, [], auth_token="s3cret")
-    req = lambda h, q=b"": types.SimpleNamespace(headers=h, query_params=dict(  # noqa: E731
-        [q.decode().split("=")] if q else []))
+def test_readyz_is_503_until_every_shard_group_and_the_encoder_are_up(random_index):
+    status, body = _ready(_ingress(random_index, [_fake_group(True), _fake_group(False)]))
+    assert status == 503 and body["status"] == "loading" and "1 of 2" in body["detail"]
+    status, body = _ready(_ingress(random_index, [_fake_group(True), _fake_group(False, True)]))
+    assert status == 503 and body["status"] == "error"
+    status, body = _ready(_ingress(random_index, [_fake_group(True), _fake_group(True)], encoder_up=False))
+    assert status == 503 and "encoder down" in body["detail"] and "secret" not in json.dumps(body)
+    status, body = _ready(_ingress(random_index, [_fake_group(True), _fake_group(True)]))
+    assert status == 200 and body["status"] == "ok"
+    assert asyncio.run(_ingress(random_index, []).livez()) == {"status": "ok"}
+
+
+def test_api_keys_from_file_and_env_rate_limit_and_signed_urls(tmp_path):
+    from serve.auth import KeyRing, RateLimiter, check_image_signature, parse_keys, sign_image_url
+
+    keys = tmp_path / "keys"
+    keys.write_text("# operators\nalice:alice-key-123\nbob:bob-key-4567\n")
+    cfg = ServeConfig(index="/x", api_keys_file=str(keys), auth_token="legacy-token")
+    ring = KeyRing.from_config(cfg, environ={"SDRAY_API_KEYS": "carol:carol-key-89"})
+    assert ring.names() == ["alice", "bob", "carol", "default"]
+    assert ring.identify("bob-key-4567") == "bob" and ring.identify("legacy-token") == "default"
+    for wrong in (None, "", "bob-key-456", "bob-key-45678", "x" * 1000):
+        with pytest.raises(ApiError) as exc:
+            ring.identify(wrong)
+        assert exc.value.status == 401
+    assert KeyRing({}).identify(None) == "anonymous"
+    for bad in ("nocolon", "a:short", "a:longenough1\na:longenough2", "bad name:longenough1"):
+        with pytest.raises(ValueError):
+            parse_keys(bad, "test")
+    now = [0.0]
+    limiter = RateLimiter(2.0, 3, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.check("alice")
     with pytest.raises(ApiError) as exc:
-        ing._check_auth(req({}))
-    assert exc.value.status == 401
-    with pytest.raises(ApiError):
-        ing._check_auth(req({"authorization": "Bearer nope"}))
-    ing._check_auth(req({"authorization": "Bearer s3cret"}))
-    ing._check_auth(req({}, b"token=s3cret"), allow_query=True)
-    with pytest.raises(ApiError):
-        ing._check_auth(req({}, b"token=s3cret"))
+        limiter.check("alice")
+    assert exc.value.status == 429 and exc.value.retry_after == pytest.approx(0.5)
+    limiter.check("bob")  # buckets are per key
+    now[0] = 0.5
+    limiter.check("alice")  # one token back after 1/rate seconds
+    secret = ring.signing_secret()
+    assert secret == KeyRing.from_config(cfg, environ={"SDRAY_API_KEYS": "carol:carol-key-89"}).signing_secret()
+    q = dict(p.split("=") for p in sign_image_url(secret, "img 1", 256, 60, now=1000).split("&"))
+    assert check_image_signature(secret, "img 1", 256, q["exp"], q["sig"], now=1000)
+    assert not check_image_signature(secret, "img 1", 256, q["exp"], q["sig"], now=1061)  # expired
+    assert not check_image_signature(secret, "img 2", 256, q["exp"], q["sig"], now=1000)
+    assert not check_image_signature(secret, "img 1", 512, q["exp"], q["sig"], now=1000)
+    assert not check_image_signature(b"other", "img 1", 256, q["exp"], q["sig"], now=1000)
+    assert not check_image_signature(secret, "img 1", 256, "9" * 40, q["sig"], now=1000)
+
+
+def test_deadline_and_failed_groups(random_index):
+    from serve.ingress import DeadlineExceeded, Snapshot, Unavailable
+    from serve.request import Query
+
+    ing = _ingress(random_index, [_fake_group(True), _fake_group(True), _fake_group(True)])
+    snap = Snapshot("v", {"shards": [{}] * 5}, "/m", None)
+    q = Query(text="a", image=None, k=3, mode="dense")
+    results = [[{"x": 1}], RuntimeError("boom"), [{"y": 2}]]
+    with pytest.raises(Unavailable) as exc:
+        ing._failed(results, snap, q, "search")
+    assert exc.value.status == 503 and "allow_partial" in exc.value.message
+    q.allow_partial = True
+    failed, shards = ing._failed(results, snap, q, "search")
+    assert failed == {1} and shards == 2  # shards 1 and 4 of 5 live in group 1 of 3
+    with pytest.raises(Unavailable):  # nothing answered: no partial answer either
+        ing._failed([RuntimeError()] * 3, snap, q, "search")
+
+    async def slow():
+        await asyncio.sleep(5)
+
+    async def run():
+        import time
+
+        with pytest.raises(DeadlineExceeded) as exc:
+            await ing._until(slow(), time.monotonic() + 0.05, "encode")
+        assert exc.value.status == 504 and "encode" in exc.value.message
+        with pytest.raises(DeadlineExceeded):
+            await ing._fan_out([slow(), slow()], time.monotonic() + 0.05, "search")
+
+    asyncio.run(run())
 
 
 # ---------------------------------------------------------------------------- client and page
@@ -317,3 +385,100 @@ def test_page_is_plain_html_js_with_relative_urls():
     assert 'src="static/app.js"' in html and "static/style.css" in html
     assert "http://" not in js and "https://" not in js and "import " not in js
     assert 'fetch("v1/search"' in js and "v1/images/" in js
+
+
+# ---------------------------------------------------------------------------- memory and bytes
+
+def test_tar_members_are_found_by_header_walk_not_a_whole_read(tmp_path):
+    import tarfile
+
+    from serve.images import read_image_bytes, tar_members
+
+    path = tmp_path / "shard.tar"
+    members = {"a.jpg": b"\xff\xd8first", "b.txt": b"caption", "d/" + "x" * 120 + ".png": png(),
+               "c.jpg": b"\xff\xd8" + bytes(range(256)) * 40}
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    class Counting(io.FileIO):
+        read_bytes = 0
+
+        def read(self, n=-1):
+            out = super().read(n)
+            Counting.read_bytes += len(out)
+            return out
+
+    with Counting(path) as f:
+        index = tar_members(f)
+    assert set(index) == set(members)
+    assert Counting.read_bytes < 512 * 12  # headers (and the long-name record) only
+    with open(path, "rb") as f:
+        for name, (offset, size) in index.items():
+            f.seek(offset)
+            assert f.read(size) == members[name]
+    assert read_image_bytes(f"{path}#c") == members["c.jpg"]
+    with pytest.raises(KeyError):
+        read_image_bytes(f"{path}#b")  # not an image member
+
+
+def test_shard_group_mmap_eviction_and_memory_declaration(random_index, tmp_path):
+    from sdray.index import manifest as mf
+    from serve.app import group_memory
+
+    out, version, _ = random_index
+    g = ShardGroup(out, 0, 1, keep_versions=2, mmap=True)
+    shard = next(iter(g.load(version).values()))["images"]
+    base = shard.docs.values
+    while getattr(base, "base", None) is not None and not isinstance(base, np.memmap):
+        base = base.base
+    assert isinstance(base, np.memmap), "CSR values are memory-mapped, not read into the process"
+    g.protected = {version}
+    g._versions["old-a"] = {}
+    g._versions.move_to_end(version)
+    g._evict(room_for=1)  # loading a third version drops the unprotected old one first
+    assert g.versions() == [version]
+    g._versions["newer"] = {}
+    g.protected = {"newer"}
+    g._evict(room_for=1)
+    assert g.versions() == ["newer"]
+    manifest = mf.load_manifest(out, version)
+    total = sum(f["bytes"] for e in manifest["shards"] for s in e["sides"].values() for f in s["files"].values())
+    mem = group_memory(manifest, 2, 1.5)
+    assert len(mem) == 2 and sum(mem) == pytest.approx(total * 1.5, abs=2) and all(m > 0 for m in mem)
+
+
+def test_overload_is_an_immediate_503_with_retry_after(random_index):
+    ing = _ingress(random_index, [_fake_group(True)], max_inflight=2)
+    ing.inflight = 2
+    req = types.SimpleNamespace(state=types.SimpleNamespace(rid="r1"))
+
+    async def never():
+        raise AssertionError("an overloaded replica must not start the work")
+
+    resp = asyncio.run(ing._guarded("/v1/search", req, never))
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+    assert "overloaded" in json.loads(resp.body)["error"]
+
+
+def test_use_gpu_gives_encoder_replicas_a_gpu_and_searchers_their_memory(monkeypatch):
+    import serve.app as serve_app
+
+    monkeypatch.setattr(serve_app, "model_uri", lambda cfg: "/m")
+    monkeypatch.setattr(serve_app, "n_groups", lambda cfg: 2)
+    monkeypatch.setattr(serve_app, "shard_memory", lambda cfg, groups: [1000, 3000])
+
+    def deployments(**kw):
+        from ray.serve._private.build_app import build_app as serve_build
+
+        built = serve_build(serve_app.build_app(ServeConfig(index="/x", **kw)), name="t")
+        return {d.name: d for d in built.deployments}
+
+    got = deployments(use_gpu=True, faiss_gpu=True)
+    assert got["QueryEncoder"].ray_actor_options["num_gpus"] == 1.0
+    assert [got[f"ShardSearcher{i}"].ray_actor_options["memory"] for i in range(2)] == [1000, 3000]
+    assert got["ShardSearcher0"].max_queued_requests == 64
+    assert "num_gpus" not in deployments()["QueryEncoder"].ray_actor_options
+    assert "QueryEncoder" not in deployments(encoder_in_ingress=True)

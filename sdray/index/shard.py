@@ -11,6 +11,14 @@ Files under ``<shard>/<side>/`` (side = ``images`` or ``captions``)::
     shard.json           counts, dims and {file: {sha256, bytes}}; written last = shard complete
 
 No pickle anywhere: ``.npy`` is read with ``allow_pickle=False``.
+
+:meth:`Shard.load` with ``mmap=True`` memory-maps what the libraries allow instead of reading it
+into the process: the FAISS index (``faiss.read_index`` with ``IO_FLAG_MMAP_IFC`` for flat codes
+and ``IO_FLAG_MMAP`` for IVF lists, read-only) and the CSR arrays (NumPy ``mmap_mode="r"``); the
+pages are file-backed, shared between replicas on a node and reclaimable by the kernel. Seismic
+(``pyseismic-lsr``) offers only ``SeismicIndex.load(path)``, which deserialises the whole index
+into its own memory: no memory mapping there. Shards on object storage are first copied to a
+local cache folder (checksummed), then mapped.
 """
 
 from __future__ import annotations
@@ -207,10 +215,14 @@ class Shard:
         expected: dict | None = None,
         verify: bool | None = None,
         name: str = "",
+        mmap: bool = False,
+        cache_dir: str | None = None,
     ) -> "Shard":
         """Load a shard side from ``uri``; ``expected`` is its manifest entry (files and checksums).
 
-        Raises :class:`IndexFileError` naming the file when one is missing, has the wrong size or
+        ``mmap``: memory-map the dense index and CSR arrays (see module docstring); remote shards
+        are copied under ``cache_dir`` (default: a temp folder) first. Raises
+        :class:`IndexFileError` naming the file when one is missing, has the wrong size or
         checksum, or cannot be decoded.
         """
         config = config or IndexConfig()
@@ -219,6 +231,8 @@ class Shard:
             info_uri = storage.join(uri, SHARD_JSON)
             expected = read_index_json(info_uri)
         files = expected.get("files", {})
+        if mmap:
+            return cls._load_mapped(uri, config, expected, verify, name, cache_dir)
 
         def read(fname: str) -> bytes:
             furi = storage.join(uri, fname)
@@ -256,6 +270,44 @@ class Shard:
             sparse = decode("sparse.seismic", lambda b: _seismic_from_bytes(b, vocab, config))
         else:
             sparse = ExactSparseIndex(docs)
+        return cls._assemble(uri, expected, dense, sparse, docs, table, config, name)
+
+
+    @classmethod
+    def _load_mapped(cls, uri: str, config: IndexConfig, expected: dict, verify: bool, name: str,
+                     cache_dir: str | None) -> "Shard":
+        files = expected.get("files", {})
+        local = {f: _local_copy(storage.join(uri, f), files, f, verify, cache_dir) for f in files}
+
+        def need(fname: str) -> str:
+            if fname not in local:
+                raise IndexFileError(f"{storage.join(uri, fname)}: not listed in the shard's manifest entry")
+            return local[fname]
+
+        def decode(fname: str, fn):
+            path = need(fname)
+            try:
+                return fn(path)
+            except Exception as err:
+                raise IndexFileError(f"{storage.join(uri, fname)}: cannot be decoded ({err})") from err
+
+        dense = decode("dense.faiss", lambda p: DenseIndex.read_mapped(p, config.dense))
+        parts = {p: decode(f"sparse.{p}.npy", lambda f: np.load(f, mmap_mode="r", allow_pickle=False))
+                 for p in ("indptr", "indices", "values")}
+        vocab = int(expected.get("vocab_size", 0))
+        try:
+            docs = CSR(parts["indptr"], parts["indices"], parts["values"], vocab)
+        except ValueError as err:
+            raise IndexFileError(f"{storage.join(uri, 'sparse.indptr.npy')}: inconsistent sparse arrays ({err})") from err
+        table = decode("meta.parquet", lambda p: pq.read_table(p, memory_map=True))
+        if "sparse.seismic" in files and config.sparse.kind == "seismic":
+            sparse = decode("sparse.seismic", lambda p: SeismicIndex.load(p, vocab, config.sparse))
+        else:
+            sparse = ExactSparseIndex(docs)
+        return cls._assemble(uri, expected, dense, sparse, docs, table, config, name)
+
+    @classmethod
+    def _assemble(cls, uri, expected, dense, sparse, docs, table, config, name) -> "Shard":
         n = table.num_rows
         if len(dense) != n or docs.n_rows != n or n != expected.get("count", n):
             raise IndexFileError(
@@ -265,6 +317,43 @@ class Shard:
         meta = {c: table.column(c).to_pylist() for c in ("id", "image_id", "caption", "uri")}
         doc_no = table.column("doc_no").to_numpy().astype(np.int64)
         return cls(dense, sparse, docs, meta, doc_no, config, name)
+
+
+def _local_copy(furi: str, files: dict, fname: str, verify: bool, cache_dir: str | None) -> str:
+    """A local, verified path of shard file ``furi`` (itself when local; else a cached copy)."""
+    want = files[fname]
+    if storage.is_remote(furi):
+        folder = os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), "sdray-shards"),
+                              want["sha256"][:2])
+        path = os.path.join(folder, want["sha256"])
+        if not os.path.exists(path):
+            try:
+                data = storage.read_bytes(furi)
+            except FileNotFoundError as err:
+                raise IndexFileError(f"{furi}: missing shard file") from err
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.part"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+    else:
+        path = furi[len("file://"):] if furi.startswith("file://") else furi
+        if not os.path.exists(path):
+            raise IndexFileError(f"{furi}: missing shard file")
+    size = os.path.getsize(path)
+    if size != want["bytes"]:
+        raise IndexFileError(f"{furi}: corrupted shard file ({size} bytes, expected {want['bytes']})")
+    if verify and _file_sha256(path) != want["sha256"]:
+        raise IndexFileError(f"{furi}: corrupted shard file (sha256 mismatch)")
+    return path
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_index_json(uri: str) -> Any:

@@ -15,11 +15,8 @@
     if (token()) h["Authorization"] = "Bearer " + token();
     return h;
   }
-  function imageUrl(id, size) {
-    let u = "v1/images/" + encodeURIComponent(id) + "?size=" + (size || 256);
-    if (token()) u += "&token=" + encodeURIComponent(token());
-    return u;
-  }
+  // Thumbnails: the signed, short-lived URL the server puts in each hit (no key in any URL).
+  function imageUrl(hit) { return hit.thumbnail || ""; }
 
   // Word pieces ("red", "##ing") -> words of the caption to highlight.
   function highlight(text, terms) {
@@ -52,13 +49,13 @@
       const card = document.createElement("article");
       card.className = "hit";
       card.dataset.id = h.id;
-      const imgId = resp.direction === "t2i" ? h.id : h.image_id;
+      const thumb = imageUrl(h);
       const terms = h.explanation || [];
       const chips = terms.map((t) =>
         '<span class="term" title="query ' + fmt(t.query, 3) + " × doc " + fmt(t.doc, 3) + '">' +
         esc(t.term) + " " + fmt(t.query * t.doc, 2) + "</span>").join("");
       card.innerHTML =
-        (imgId ? '<img loading="lazy" alt="' + esc(h.caption || h.id) + '" src="' + imageUrl(imgId, 256) + '">' : "") +
+        (thumb ? '<img loading="lazy" alt="' + esc(h.caption || h.id) + '" src="' + esc(thumb) + '">' : "") +
         '<div class="body">' +
         '<div><span class="rank">#' + (i + 1) + "</span> " +
         '<span class="caption">' + highlight(h.caption || h.id, terms) + "</span></div>" +

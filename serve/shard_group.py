@@ -2,8 +2,11 @@
 
 A :class:`ShardGroup` hosts some shards of an index (shard ``j`` of a version belongs to group
 ``j % n_groups``) for every version it is asked about, loading them from object storage with
-:meth:`sdray.index.shard.Shard.load` (checksummed). Up to ``keep_versions`` versions stay loaded,
-so requests still running on the previous version finish after a hot swap.
+:meth:`sdray.index.shard.Shard.load` (checksummed; memory-mapped where the libraries allow).
+Up to ``keep_versions`` versions stay loaded (2: the one served and the one being swapped in), so
+requests still running on the previous version finish after a hot swap; an older version is
+dropped *before* a newer one is loaded, so at most one extra version is ever resident. The
+shards of a group are searched concurrently (``threads``; FAISS and NumPy release the GIL).
 
 Per shard and query, :meth:`ShardGroup.search` returns candidates with **both exact scores**:
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,15 +192,21 @@ class ShardGroup:
     """The shards of one group, per version, loaded on demand and kept for ``keep_versions``."""
 
     def __init__(self, root: str, group: int, n_groups: int, keep_versions: int = 2,
-                 config: IndexConfig | None = None):
+                 config: IndexConfig | None = None, threads: int = 4, mmap: bool = True,
+                 cache_dir: str | None = None, faiss_gpu: bool = False):
         self.root = root
         self.group = group
         self.n_groups = n_groups
         self.keep_versions = keep_versions
         self.config = config
+        self.mmap = mmap
+        self.cache_dir = cache_dir
+        self.faiss_gpu = faiss_gpu
+        self.protected: set[str] = set()  # versions never evicted (the one being served)
         self._versions: OrderedDict[str, dict[int, dict[str, Shard]]] = OrderedDict()
         self._lock = threading.Lock()
         self._errors: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix=f"group{group}")
 
     def shard_numbers(self, manifest: dict) -> list[int]:
         return [j for j in range(len(manifest["shards"])) if j % self.n_groups == self.group]
@@ -219,39 +229,61 @@ class ShardGroup:
             got = self._versions.get(version)
             if got is not None:
                 return got
+            self._evict(room_for=1)
             try:
                 manifest = mf.load_manifest(self.root, version)
                 cfg = self.config or index_config(manifest)
                 shards: dict[int, dict[str, Shard]] = {}
                 for j in self.shard_numbers(manifest):
                     entry = manifest["shards"][j]
-                    shards[j] = {
-                        side: Shard.load(mf.shard_uri(self.root, version, entry["name"], side), cfg,
-                                         expected=info, name=f"{entry['name']}/{side}")
-                        for side, info in entry["sides"].items()
-                    }
+                    shards[j] = {side: self._load_side(version, entry, side, info, cfg)
+                                 for side, info in entry["sides"].items()}
             except Exception as err:
                 self._errors[version] = f"{type(err).__name__}: {err}"
                 raise
             self._errors.pop(version, None)
             self._versions[version] = shards
-            while len(self._versions) > self.keep_versions:
-                self._versions.popitem(last=False)
             return shards
+
+    def _load_side(self, version: str, entry: dict, side: str, info: dict, cfg: IndexConfig) -> Shard:
+        uri = mf.shard_uri(self.root, version, entry["name"], side)
+        shard = Shard.load(uri, cfg, expected=info, name=f"{entry['name']}/{side}", mmap=self.mmap,
+                           cache_dir=self.cache_dir)
+        if self.faiss_gpu:
+            from sdray.index.dense import to_gpu
+
+            shard.dense.index = to_gpu(shard.dense.index)
+        return shard
+
+    def _evict(self, room_for: int) -> None:
+        """Drop the oldest unprotected versions until ``room_for`` more fit in ``keep_versions``."""
+        for v in list(self._versions):
+            if len(self._versions) + room_for <= self.keep_versions:
+                return
+            if v not in self.protected:
+                del self._versions[v]
+
+    def keep_only(self, versions: set[str]) -> None:
+        """Drop every loaded version not in ``versions`` (after a swap has finished)."""
+        with self._lock:
+            for v in [v for v in self._versions if v not in versions]:
+                del self._versions[v]
 
     def search(self, version: str, direction: str, dense_q, sparse_ids, sparse_vals, mode: str, k: int,
                candidates: int, fusion: Fusion, explain: int) -> list[dict]:
         shards = self.load(version)
         side = SIDE_FOR[direction]
         dense_q = np.asarray(dense_q, np.float32)
-        out = []
-        for j, sides in shards.items():
-            shard = sides.get(side)
-            if shard is None:
-                continue
+        todo = [(j, sides[side]) for j, sides in shards.items() if side in sides]
+
+        def one(item):
+            j, shard = item
             q = query_csr(sparse_ids, sparse_vals, shard.docs.dim)
-            out.append(search_shard(shard, j, dense_q, q, mode, k, candidates, fusion, explain))
-        return out
+            return search_shard(shard, j, dense_q, q, mode, k, candidates, fusion, explain)
+
+        if len(todo) <= 1:
+            return [one(t) for t in todo]
+        return list(self._pool.map(one, todo))
 
     def explain(self, version: str, direction: str, items: list[tuple[int, int]], sparse_ids,
                 sparse_vals, top: int) -> list[list[tuple[int, float, float]]]:

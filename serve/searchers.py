@@ -1,0 +1,159 @@
+"""Shard-searcher deployments (``ShardSearcher0..N-1``) and the board they report their versions to.
+
+A :class:`ShardSearcher` replica hosts shard group ``group`` (shard ``j`` of a version when
+``j % groups == group``; :class:`~serve.shard_group.ShardGroup`). **It loads its shards in its
+constructor**, so Serve routes no request to it before they are in memory (on start, scale-up and
+restart alike); ``check_health`` fails if that version is lost.
+
+Hot swap, without a request ever waiting for a load:
+
+1. every replica polls the index's version pointer and preloads a newly published version next to
+   the served one (an older one is dropped first: at most one extra version resident);
+2. every replica reports the versions it holds to the :class:`VersionBoard` (a small named Ray
+   actor) at each poll, a heartbeat;
+3. an ingress replica switches to the new version only when every *live* replica of every group
+   (one that reported within ``3 × heartbeat``) holds it, then marks it served on the board;
+4. replicas then drop versions other than the served and newest one, and a replica starting
+   during a swap loads both the served and the newest version before it takes traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import ray
+from ray import serve
+
+from serve.shard_group import Fusion, ShardGroup, current_version, resolve_root
+
+log = logging.getLogger("sdray.serve")
+BOARD_NAMESPACE = "sdray"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class VersionBoard:
+    """Which replica of which shard group holds which index versions; which version is served."""
+
+    def __init__(self):
+        self._held: dict[tuple[int, str], tuple[list[str], float]] = {}
+        self._served: str | None = None
+
+    def report(self, group: int, replica: str, versions: list[str]) -> str | None:
+        """A replica's heartbeat; returns the version the ingress serves (None before the first)."""
+        self._held[(group, replica)] = (list(versions), time.time())
+        return self._served
+
+    def leave(self, group: int, replica: str) -> None:
+        self._held.pop((group, replica), None)
+
+    def served(self) -> str | None:
+        return self._served
+
+    def serve(self, version: str) -> None:
+        self._served = version
+
+    def holders(self, fresh_s: float) -> dict[int, list[list[str]]]:
+        """``{group: [versions of each live replica]}`` (reported within ``fresh_s``)."""
+        now = time.time()
+        out: dict[int, list[list[str]]] = {}
+        for (group, _), (versions, stamp) in list(self._held.items()):
+            if now - stamp <= fresh_s:
+                out.setdefault(group, []).append(versions)
+        return out
+
+
+def board_name(app_name: str, index_root: str) -> str:
+    return f"{app_name}:{index_root}"[:200]
+
+
+def get_board(app_name: str, index_root: str):
+    """The board of this app and index (created on first use; survives its creator)."""
+    return VersionBoard.options(name=board_name(app_name, index_root), namespace=BOARD_NAMESPACE,
+                                lifetime="detached", get_if_exists=True).remote()
+
+
+def all_hold(holders: dict[int, list[list[str]]], groups: int, version: str) -> bool:
+    """True when every group has a live replica and every live replica holds ``version``."""
+    return all(holders.get(g) and all(version in v for v in holders[g]) for g in range(groups))
+
+
+@serve.deployment(max_ongoing_requests=64)
+class ShardSearcher:
+    """Hosts shard group ``group`` of ``groups`` (see module docstring)."""
+
+    def __init__(self, index: str, group: int, groups: int, poll_interval_s: float = 5.0,
+                 app_name: str = "sdray", threads: int = 4, mmap: bool = True,
+                 cache_dir: str | None = None, faiss_gpu: bool = False):
+        self.root, self.pinned = resolve_root(index)
+        self.group = ShardGroup(self.root, group, groups, threads=threads, mmap=mmap,
+                                cache_dir=cache_dir, faiss_gpu=faiss_gpu)
+        self.heartbeat_s = min(poll_interval_s, 2.0) if poll_interval_s > 0 else 0.0
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests)
+            self.replica = f"local-{id(self)}"
+        self.board = get_board(app_name, self.root) if self.heartbeat_s else None
+        served = ray.get(self.board.served.remote()) if self.board is not None else None
+        newest = current_version(self.root, self.pinned)
+        for v in dict.fromkeys(v for v in (served, newest) if v):
+            self.group.load(v)  # raises: Serve retries the replica, no traffic meanwhile
+        self.group.protected = {served or newest}
+        self.grace_s = 2 * poll_interval_s + 10.0  # other ingress replicas catch up meanwhile
+        self._served_since: tuple[str | None, float] = (served, time.monotonic())
+        self._stop = threading.Event()
+        if self.board is not None:
+            self._report()
+            threading.Thread(target=self._poll, name="shard-poll", daemon=True).start()
+
+    def _report(self) -> str | None:
+        return ray.get(self.board.report.remote(self.group.group, self.replica, self.group.versions()))
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                newest = current_version(self.root, self.pinned)
+                if not self.group.loaded(newest):
+                    self.group.load(newest)
+                served = self._report()
+                if served != self._served_since[0]:
+                    self._served_since = (served, time.monotonic())
+                if served and self.group.loaded(served):
+                    self.group.protected = {served}
+                    if time.monotonic() - self._served_since[1] > self.grace_s:
+                        self.group.keep_only({served, newest})
+            except Exception:  # noqa: BLE001 - retried at the next poll; the served version stays
+                log.exception("shard group %s: preloading the newest version failed", self.group.group)
+
+    def check_health(self) -> None:
+        if not any(self.group.loaded(v) for v in self.group.protected):
+            raise RuntimeError("the served index version is not loaded")
+
+    async def status(self, version: str) -> dict:
+        return {"loaded": self.group.loaded(version), "error": bool(self.group.error(version)),
+                "versions": self.group.versions()}
+
+    async def prepare(self, version: str) -> bool:
+        await asyncio.to_thread(self.group.load, version)
+        return True
+
+    async def search(self, version: str, direction: str, dense, sparse_ids, sparse_vals, mode: str,
+                     k: int, candidates: int, fusion: dict, explain: int) -> list[dict]:
+        return await asyncio.to_thread(self.group.search, version, direction, dense, sparse_ids,
+                                       sparse_vals, mode, k, candidates, Fusion(**fusion), explain)
+
+    async def explain(self, version: str, direction: str, items: list[tuple[int, int]], sparse_ids,
+                      sparse_vals, top: int) -> list[list]:
+        return await asyncio.to_thread(self.group.explain, version, direction, items, sparse_ids,
+                                       sparse_vals, top)
+
+    async def find(self, version: str, side: str, doc_id: str) -> dict | None:
+        return await asyncio.to_thread(self.group.find, version, side, doc_id)
+
+    def __del__(self):
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+        if getattr(self, "board", None) is not None:
+            self.board.leave.remote(self.group.group, self.replica)
