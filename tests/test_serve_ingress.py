@@ -1,0 +1,125 @@
+"""The ingress's search path end to end without Ray: a real demo index in ShardGroups behind
+stand-in handles, the in-ingress encoder (``encoder_in_ingress``), HTTP requests through the
+route methods — pinned snapshots, signed thumbnails, allow_partial, deadlines, 4xx bodies."""
+
+import asyncio
+import json
+import types
+
+import pytest
+
+from serve.config import ServeConfig
+from serve.shard_group import Fusion, ShardGroup
+
+KEY = "ingress-test-key"
+
+
+class _Remote:
+    def __init__(self, fn, fail=False, delay=0.0):
+        self.fn, self.fail, self.delay = fn, fail, delay
+
+    def remote(self, *a):
+        async def call():
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.fail:
+                raise RuntimeError("replica died: internal detail")
+            return await asyncio.to_thread(self.fn, *a)
+        return call()
+
+
+def _group(sg: ShardGroup, fail=False, delay=0.0):
+    def search(version, direction, dense, ids, vals, mode, k, candidates, fusion, explain):
+        return sg.search(version, direction, dense, ids, vals, mode, k, candidates, Fusion(**fusion), explain)
+
+    return types.SimpleNamespace(
+        search=_Remote(search, fail, delay),
+        explain=_Remote(sg.explain, fail), find=_Remote(sg.find, fail),
+        status=_Remote(lambda v: {"loaded": sg.loaded(v), "error": False, "versions": sg.versions()}))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from serve.testing import build_demo_index
+
+    return build_demo_index(str(tmp_path_factory.mktemp("ingress")), n_images=10, shards=3)
+
+
+def _ingress(demo, fail_group=None, delay=0.0, **cfg):
+    from serve.ingress import Ingress
+
+    groups = [_group(ShardGroup(demo.index, g, 3), fail=g == fail_group, delay=delay) for g in range(3)]
+    cls = Ingress.func_or_class.__mro__[1]
+    conf = ServeConfig(index=demo.index, poll_interval_s=0, encoder_in_ingress=True, auth_token=KEY, **cfg)
+    return cls(conf.model_dump(), None, groups)
+
+
+def _request(method, path, body=b"", key=KEY, query=b""):
+    from starlette.requests import Request
+
+    headers = [(b"content-type", b"application/json")]
+    if key:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    sent = {"done": False}
+
+    async def receive():
+        if sent["done"]:
+            return {"type": "http.disconnect"}
+        sent["done"] = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    req = Request({"type": "http", "method": method, "path": path, "headers": headers,
+                   "query_string": query}, receive)
+    req.state.rid = "test-rid"
+    return req
+
+
+def _search(ing, body, key=KEY):
+    resp = asyncio.run(ing.search(_request("POST", "/v1/search", json.dumps(body).encode(), key)))
+    return resp.status_code, json.loads(resp.body), resp
+
+
+def test_search_through_the_ingress_with_the_encoder_inside(demo):
+    ing = _ingress(demo)
+    for mode in ("hybrid", "dense", "sparse"):
+        status, body, _ = _search(ing, {"text": "a red circle", "k": 4, "mode": mode})
+        assert status == 200, body
+        assert len(body["hits"]) == 4 and body["index_version"] == demo.version and body["shards_failed"] == 0
+        assert all(h["id"] in demo.image_ids for h in body["hits"])
+    status, body, _ = _search(ing, {"text": "a red circle", "k": 3, "fusion": {"method": "rrf"}})
+    assert status == 200 and all(h["explanation"] for h in body["hits"])  # late explanations
+    thumb = body["hits"][0]["thumbnail"]
+    assert KEY not in thumb and "sig=" in thumb
+    path, _, query = thumb.partition("?")
+    params = dict(p.split("=") for p in query.split("&"))
+    doc_id = path.rsplit("/", 1)[1]
+    resp = asyncio.run(ing.image(doc_id, _request("GET", "/" + path, key=None), int(params["size"]),
+                                 params["exp"], params["sig"]))
+    assert resp.status_code == 200 and resp.body[:2] == b"\xff\xd8"
+    resp = asyncio.run(ing.image(doc_id, _request("GET", "/" + path, key=None), 256, params["exp"], "0" * 64))
+    assert resp.status_code == 401
+    status, body, _ = _search(ing, {"text": "a red circle"}, key="wrong-key-123")
+    assert status == 401
+
+
+def test_a_failed_group_is_503_or_partial_and_never_leaks_exception_text(demo):
+    ing = _ingress(demo, fail_group=1)
+    status, body, resp = _search(ing, {"text": "a blue square", "k": 10})
+    assert status == 503 and resp.headers["Retry-After"] == "1"
+    assert "internal detail" not in body["error"] and "allow_partial" in body["error"]
+    status, body, _ = _search(ing, {"text": "a blue square", "k": 10, "allow_partial": True})
+    assert status == 200 and body["shards_failed"] == 1
+    assert all(h["shard"] % 3 != 1 for h in body["hits"]) and body["hits"]
+
+
+def test_one_deadline_for_the_whole_request(demo):
+    ing = _ingress(demo, delay=1.0, request_timeout_s=0.5)
+    status, body, _ = _search(ing, {"text": "a green star", "k": 3})
+    assert status == 504 and "deadline" in body["error"]
+
+
+def test_rate_limit_per_key(demo):
+    ing = _ingress(demo, rate_limit_per_s=0.01, rate_burst=2)
+    assert [_search(ing, {"text": "a", "k": 1})[0] for _ in range(3)] == [200, 200, 429]
+    status, body, resp = _search(ing, {"text": "a", "k": 1})
+    assert status == 429 and int(resp.headers["Retry-After"]) >= 1
