@@ -5,7 +5,7 @@
                 [--api-keys-file F] [--rate-limit R] [--encoder-in-ingress] [--use-gpu] [--faiss-gpu]
 
 ``--config`` reads :class:`serve.config.ServeConfig` fields from YAML/JSON (flags override it).
-Starts a local Ray (or joins ``RAY_ADDRESS``), waits for ``/healthz`` and prints the URL, then
+Starts a local Ray (or joins ``RAY_ADDRESS``), waits for ``/readyz`` and prints the URL, then
 serves until Ctrl-C / SIGTERM, when it shuts Serve down. ``--no-block`` returns once healthy
 (the app keeps running only while this Ray instance does — use ``serve deploy serve/config.yaml``
 for a detached deployment on a cluster).
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-interval", type=float, default=None,
                         help="seconds between checks for a newly published index version (0: never)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /healthz")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /readyz")
     parser.add_argument("--no-block", action="store_true", help="return once healthy")
     parser.add_argument("--json", action="store_true", help="print {url, index_version} as JSON")
 

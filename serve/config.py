@@ -151,7 +151,7 @@ class ServeConfig(_Strict):
                                    "read for hot swaps; 0 disables hot swap.")
     swap_grace_s: float = Field(1.0, ge=0, description="Wait after a new version appears before "
                                 "the ingress switches (searchers preload meanwhile).")
-    request_timeout_s: float = Field(10.0, gt=0, description="One deadline per request across "
+    request_timeout_s: float = Field(30.0, gt=0, description="One deadline per request across "
                                      "encoding, search and explanation; past it: 504.")
 
     @model_validator(mode="after")
