@@ -148,20 +148,23 @@ class LocalEncoder:
     async def _submit(self, kind: str, item, uri: str) -> dict:
         fut = asyncio.get_running_loop().create_future()
         self._pending[kind].append((item, uri, fut))
-        if not self._busy[kind]:
+        if not self._busy[kind]:  # a task of its own: a request cut short does not stop it
             self._busy[kind] = True
-            try:
-                while self._pending[kind]:
-                    batch = self._pending[kind][: self.max_batch_size]
-                    del self._pending[kind][: len(batch)]
-                    rows = await asyncio.to_thread(encode_batch, self.models, kind,
-                                                   [b[0] for b in batch], [b[1] for b in batch])
-                    for (_, _, f), row in zip(batch, rows):
-                        if not f.done():
-                            f.set_result(row)
-            finally:
-                self._busy[kind] = False
+            asyncio.get_running_loop().create_task(self._drain(kind))
         return await fut
+
+    async def _drain(self, kind: str) -> None:
+        try:
+            while self._pending[kind]:
+                batch = self._pending[kind][: self.max_batch_size]
+                del self._pending[kind][: len(batch)]
+                rows = await asyncio.to_thread(encode_batch, self.models, kind,
+                                               [b[0] for b in batch], [b[1] for b in batch])
+                for (_, _, f), row in zip(batch, rows):
+                    if not f.done():
+                        f.set_result(row)
+        finally:
+            self._busy[kind] = False
 
     async def encode_text(self, text: str, uri: str) -> dict:
         return await self._submit("text", text, uri)
