@@ -482,3 +482,21 @@ def test_use_gpu_gives_encoder_replicas_a_gpu_and_searchers_their_memory(monkeyp
     assert got["ShardSearcher0"].max_queued_requests == 64
     assert "num_gpus" not in deployments()["QueryEncoder"].ray_actor_options
     assert "QueryEncoder" not in deployments(encoder_in_ingress=True)
+
+
+def test_searcher_replica_loads_before_it_is_healthy_and_swap_waits_for_every_replica(random_index):
+    from serve.searchers import ShardSearcher, all_hold
+
+    out, version, _ = random_index
+    replica = ShardSearcher.func_or_class(out, 0, 2, 0)  # the constructor loads (no board: no poll)
+    assert replica.group.versions() == [version]
+    replica.check_health()
+    assert asyncio.run(replica.status(version))["loaded"]
+    replica.group.keep_only(set())
+    with pytest.raises(RuntimeError):
+        replica.check_health()
+    holders = {0: [["v1", "v2"], ["v1"]], 1: [["v1", "v2"]]}
+    assert not all_hold(holders, 2, "v2")  # one replica of group 0 still lacks v2
+    holders[0][1].append("v2")
+    assert all_hold(holders, 2, "v2")
+    assert not all_hold(holders, 3, "v2")  # group 2 has no live replica
