@@ -110,14 +110,30 @@ def error_response(status: int, message: str, retry_after: float | None = None) 
     return JSONResponse(status_code=status, content={"error": message}, headers=headers)
 
 
-@api.middleware("http")
-async def _request_headers(request: Request, call_next):
-    rid = request_id(request.headers.get("x-request-id"))
-    request.state.rid = rid
-    response = await call_next(request)
-    response.headers["X-Request-Id"] = rid
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    return response
+class ResponseHeaders:
+    """ASGI middleware: a request id in ``scope["state"]`` and ``X-Request-Id`` / ``nosniff`` on
+    every response (plain ASGI, so a client that hangs up mid-request is no error)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = request_id(given)
+        scope.setdefault("state", {})["rid"] = rid
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode()),
+                                      (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+api.add_middleware(ResponseHeaders)
 
 
 @api.exception_handler(RequestValidationError)
@@ -140,6 +156,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 async def _internal_error(request: Request, exc: Exception):
     log.exception("unhandled error (request %s)", getattr(request.state, "rid", "?"))
     return error_response(500, "internal error")
+
+
+def _manifest_model(root: str, version: str) -> str | None:
+    from sdray.index import manifest as mf
+
+    return mf.load_manifest(root, version).get("model")
 
 
 def _is_backpressure(err: BaseException) -> bool:
@@ -607,8 +629,3 @@ class Ingress:
         return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name],
                         headers={"Content-Security-Policy": PAGE_CSP})
 
-
-def _manifest_model(root: str, version: str) -> str | None:
-    from sdray.index import manifest as mf
-
-    return mf.load_manifest(root, version).get("model")
