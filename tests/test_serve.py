@@ -228,7 +228,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium and the playwright package")
 def test_search_page_shows_results_in_a_real_browser(app, tmp_path):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     url, demo, _ = app
     img_path = tmp_path / "query.jpg"
@@ -254,11 +254,10 @@ def test_search_page_shows_results_in_a_real_browser(app, tmp_path):
             page.wait_for_function(  # thumbnails load through /v1/images
                 "document.querySelector('#results .hit img').naturalWidth > 0", timeout=20_000)
             page.check("input[name=mode][value=sparse]")
-            page.wait_for_function("document.getElementById('status').textContent.includes('sparse')",
-                                   timeout=20_000)
+            # locator waits, not string predicates: the page's CSP forbids eval, Playwright's too
+            expect(page.locator("#status")).to_contain_text("sparse", timeout=20_000)
             page.set_input_files("#file", str(img_path))  # image query -> captions
-            page.wait_for_function("document.getElementById('status').textContent.includes('i2t')",
-                                   timeout=30_000)
+            expect(page.locator("#status")).to_contain_text("i2t", timeout=30_000)
             caption = page.locator("#results .hit .caption").first.inner_text()
             assert caption in demo.captions
             assert not errors, errors
