@@ -214,7 +214,8 @@ def _done_records(out: str, shards: set[str], backbone: dict) -> dict[str, dict]
     if old and old != backbone:
         raise ValueError(f"{out} holds features of another backbone ({old}); "
                          f"use a new --out or remove it")
-    known = {info.get("record"): {**info, "shard": shard}
+    dims = {k: summary[k] for k in ("text_dim", "image_dim") if k in summary}
+    known = {info.get("record"): {**dims, **info, "shard": shard}
              for shard, info in summary.get("shards", {}).items()}
     outputs = set(storage.list_files(out, (".parquet",)))
     done: dict[str, dict] = {}
@@ -330,7 +331,7 @@ def _manifest_dict(data: str, out: str, backbone_cfg: BackboneConfig, done: dict
             totals[k] = totals.get(k, 0) + int(v)
         for k, v in rec.get("upstream", {}).items():
             upstream[k] = upstream.get(k, 0) + int(v)
-    dims = next(iter(done.values()), None)
+    dims = next((rec for rec in done.values() if "text_dim" in rec), None)
     if dims is None:
         text_dim, image_dim, _ = backbone_dims(backbone_cfg)
         dims = {"text_dim": text_dim, "image_dim": image_dim}
