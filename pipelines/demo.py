@@ -24,23 +24,25 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import json
 import os
 import shutil
 import socket
-import sys
 import time
 from typing import Any, Callable
 
 METHODS = ("dense", "d2s", "joint")
 STATE = "demo_state.json"
 
-# Sizes: `full` is the default demo (fits 15 minutes on 2 cores); `small` is what the test runs.
+# Sizes: `full` is the default demo; `small` is what the test runs. `dense_epochs`: the dense
+# model's validation RSUM is flat after its 4th epoch (docs/benchmarks.md, "The embedded demo"),
+# while d2s still improves at epoch 8 and joint reaches the nnz budget only at epoch 7.
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"n": 4000, "n_val": 250, "n_test": 500, "epochs": 8, "batch_size": 256,
-             "image_size": 128, "shards": 2},
-    "small": {"n": 512, "n_val": 48, "n_test": 64, "epochs": 2, "batch_size": 128,
-              "image_size": 96, "shards": 2},
+    "full": {"n": 4000, "n_val": 250, "n_test": 500, "epochs": 8, "dense_epochs": 5,
+             "batch_size": 256, "image_size": 128, "shards": 2},
+    "small": {"n": 512, "n_val": 48, "n_test": 64, "epochs": 2, "dense_epochs": 2,
+              "batch_size": 128, "image_size": 96, "shards": 2},
 }
 CAPTIONS_PER_IMAGE = 2
 # Per-method settings of the demo on top of the config defaults (the user's --set wins). Empty:
@@ -49,7 +51,7 @@ METHOD_SETS: dict[str, list[str]] = {"dense": [], "d2s": [], "joint": []}
 
 
 def log(msg: str) -> None:
-    print(f"[sdray demo] {msg}", file=sys.stderr, flush=True)
+    logging.getLogger("pipelines.demo").info(msg)
 
 
 def _fp(*parts: Any) -> str:
@@ -129,7 +131,8 @@ def _train(work: str, method: str, s: dict, extra_sets: list[str]) -> dict:
     argv = ["--train", os.path.join(work, "features", "train"),
             "--val", os.path.join(work, "features", "val"),
             "--out", os.path.join(work, "models", method), "--method", method,
-            "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
+            "--epochs", str(s["dense_epochs"] if method == "dense" else s["epochs"]),
+            "--batch-size", str(s["batch_size"]),
             "--num-workers", "1", "--cpus-per-worker", str(s["cpus"]),
             "--set", f"backbone.image_size={s['image_size']}",
             "--log-every", "5"]
@@ -260,10 +263,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full: the 15-minute demo; small: a 2-3 minute smoke run")
     parser.add_argument("--n", type=int, default=None, help="training pairs (default: by --size)")
     parser.add_argument("--n-test", type=int, default=None, help="test images (default: by --size)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per method (default: by --size)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of d2s and joint, and of dense unless --dense-epochs (default: by --size)")
+    parser.add_argument("--dense-epochs", type=int, default=None,
+                        help="epochs of the dense model (default: by --size, or --epochs when given)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="backbone input side in pixels (default: by --size; 224 = the backbone's own)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data and the trainings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every training run (e.g. loss.q_reg=1e-3)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (a free one if taken)")
@@ -278,6 +284,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("n", "n_test", "epochs", "image_size"):
         if getattr(args, key, None) is not None:
             s[key] = getattr(args, key)
+    if getattr(args, "epochs", None) is not None:
+        s["dense_epochs"] = args.epochs
+    if getattr(args, "dense_epochs", None) is not None:
+        s["dense_epochs"] = args.dense_epochs
     s["seed"] = args.seed
     s["data_image_size"] = 128
     s["cpus"] = max(1, min(os.cpu_count() or 1, 4))
@@ -293,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     st = Stages(work, fresh=args.fresh)
     st.n_total = 8 + (0 if args.no_serve else 1)
     log(f"workdir {work}; {s['n']} training pairs, {s['n_val']} val / {s['n_test']} test images, "
-        f"{s['epochs']} epochs, backbone input {s['image_size']}px")
+        f"{s['dense_epochs']} dense / {s['epochs']} d2s and joint epochs, backbone input {s['image_size']}px")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -336,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         fp_train = {}
         base = _fp(fp_feat, "train", s["epochs"], s["batch_size"], sorted(args.set))
-        fp_train["dense"] = _fp(base, "dense", METHOD_SETS["dense"])
+        fp_train["dense"] = _fp(base, "dense", METHOD_SETS["dense"], s["dense_epochs"])
         st.run("train_dense", fp_train["dense"], [os.path.join(work, "models", "dense")],
                lambda: _train(work, "dense", s, args.set))
         for m in ("d2s", "joint"):
@@ -347,6 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def do_eval():
             from pipelines.evaluate import evaluate_uri
             from sdray.evaluation import format_table
+            from sdray.model_card import write_model_card
 
             out = {}
             os.makedirs(os.path.join(work, "eval"), exist_ok=True)
@@ -354,6 +365,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res = evaluate_uri(os.path.join(work, "models", m), os.path.join(feats, "test"))
                 with open(os.path.join(work, "eval", f"{m}.json"), "w", encoding="utf-8") as f:
                     json.dump(res, f, indent=2)
+                write_model_card(os.path.join(work, "models", m), test=res, data={
+                    "source": "sdray synth (generated scenes)", "training pairs": s["n"],
+                    "validation images": s["n_val"], "test images": s["n_test"]})
                 log(f"eval {m}:\n{format_table(res)}")
                 out[m] = res
             return out
@@ -386,7 +400,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = write_report(work, methods, _histories(work), timings, reused=st.reused,
                           queries=queries, extra_plots=extra_plots,
                           notes={"training pairs": s["n"], "test images": s["n_test"],
-                                 "epochs": s["epochs"], "backbone input": f"{s['image_size']}px",
+                                 "epochs": f"dense {s['dense_epochs']}, d2s and joint {s['epochs']}",
+                                 "backbone input": f"{s['image_size']}px",
                                  "training settings": "; ".join(
                                      f"{m}: {' '.join(METHOD_SETS[m] + list(args.set)) or 'defaults'}"
                                      for m in METHODS)})

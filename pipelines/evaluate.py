@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 import numpy as np
@@ -132,12 +131,8 @@ def evaluate_uri(model_uri: str, data_uri: str, fusion: str | None = None,
 def main(args: argparse.Namespace) -> int:
     from sdray.evaluation import format_table
 
-    try:
-        result = evaluate_uri(args.model, args.data, args.fusion, args.all_fusions,
-                              getattr(args, "index", None))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"sdray eval: {err}", file=sys.stderr)
-        return 2
+    result = evaluate_uri(args.model, args.data, args.fusion, args.all_fusions,
+                          getattr(args, "index", None))
     print(f"model {args.model} on {args.data}")
     print(format_table(result))
     if args.json:

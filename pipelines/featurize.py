@@ -21,10 +21,10 @@ Output files mirror the input layout: ``DATA/train/shard-00000.tar`` ->
 from __future__ import annotations
 
 import argparse
+import logging
 import io
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +33,7 @@ import numpy as np
 
 from sdray import storage
 from sdray.config import BackboneConfig, DataConfig, StorageConfig
+from sdray.progress import Progress
 
 MANIFEST = "manifest.json"
 RECORDS = "_shards"            # OUT/_shards/<shard id>.json: one record per finished input shard
@@ -254,8 +255,7 @@ def _featurize(data: str, out: str, backbone_cfg: BackboneConfig, data_cfg: Data
 
     from pipelines.datasets import ensure_ray, list_shards, retry_shard_tasks, shard_ids
 
-    log = (lambda msg: print(f"featurize: {msg}", file=sys.stderr, flush=True)) if progress else (
-        lambda msg: None)
+    log = logging.getLogger("pipelines.featurize").info if progress else (lambda msg: None)
     storage.check_access(data)
     storage.check_access(out, write=True)
     all_shards = list_shards(data)
@@ -271,6 +271,7 @@ def _featurize(data: str, out: str, backbone_cfg: BackboneConfig, data_cfg: Data
 
     t0 = time.time()
     n_new = 0
+    bar = Progress("featurize", len(pending), "shards", enabled=None if progress else False)
     if pending:
         ensure_ray()
         if use_gpu is None:
@@ -300,9 +301,10 @@ def _featurize(data: str, out: str, backbone_cfg: BackboneConfig, data_cfg: Data
             done[rec["shard"]] = {**rec, "record": storage.join(out, RECORDS, rec["shard_id"] + ".json")}
             n_new += rec["n_samples"]
             rate = n_new / max(time.time() - t0, 1e-9)
-            log(f"{len(done)}/{len(all_shards)} shards, {n_new} new samples, {rate:.1f} samples/s "
-                f"({rec['shard_id']}: {rec['n_samples']} kept of {rec['read']} read, "
-                f"{sum(rec['skips'].values())} skipped)")
+            bar.update(1, postfix=f"{n_new} new samples, {rate:.1f} samples/s ({rec['shard_id']}: "
+                                  f"{rec['n_samples']} kept of {rec['read']} read, "
+                                  f"{sum(rec['skips'].values())} skipped)")
+    bar.close()
     m = _manifest_dict(data, out, backbone_cfg, done, all_shards)
     m["last_run"] = {"shards": len(pending), "samples": n_new,
                      "seconds": round(time.time() - t0, 3),
@@ -359,19 +361,22 @@ def _manifest_dict(data: str, out: str, backbone_cfg: BackboneConfig, done: dict
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="image-text shards: folder or s3:// prefix")
     parser.add_argument("--out", required=True, help="where feature shards go (folder or s3://)")
-    parser.add_argument("--backbone", default="packaged", choices=["packaged", "clip", "blip", "siglip"])
+    parser.add_argument("--backbone", default="packaged", choices=["packaged", "clip", "blip", "siglip"],
+                        help="frozen backbone: the packaged MiniLM + EfficientNet-Lite0, or a HF model")
     parser.add_argument("--backbone-path", default=None, help="hub id or folder for HF backbones")
     parser.add_argument("--image-size", type=int, default=None,
                         help="backbone input side (default: the backbone config's)")
-    parser.add_argument("--max-text-length", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-actors", type=int, default=1)
+    parser.add_argument("--max-text-length", type=int, default=None,
+                        help="caption tokens after truncation (default: the backbone config's)")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per backbone forward pass")
+    parser.add_argument("--num-actors", type=int, default=1, help="backbone actors (one per GPU, or CPU share)")
     parser.add_argument("--actor-cpus", type=float, default=None,
                         help="logical Ray CPUs reserved per actor (default 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per actor (default: machine cores / actors)")
     parser.add_argument("--no-fp16", action="store_true", help="fp32 on GPU")
-    parser.add_argument("--max-image-pixels", type=int, default=None)
+    parser.add_argument("--max-image-pixels", type=int, default=None,
+                        help="larger images are skipped as oversized (default: the data config's)")
     parser.add_argument("--json", action="store_true", help="print the manifest as one JSON line")
 
 
@@ -385,16 +390,9 @@ def main(args: argparse.Namespace) -> int:
         fields["max_text_length"] = args.max_text_length
     data_cfg = DataConfig() if args.max_image_pixels is None else DataConfig(
         max_image_pixels=args.max_image_pixels)
-    try:
-        m = featurize(args.data, args.out, BackboneConfig(**fields), data_cfg,
-                      batch_size=args.batch_size, num_actors=args.num_actors,
-                      actor_cpus=args.actor_cpus, threads=args.threads, fp16=not args.no_fp16)
-    except Exception as err:
-        cause = storage.storage_fault(err)
-        if cause is None and not isinstance(err, (FileNotFoundError, ValueError)):
-            raise
-        print(f"sdray featurize: error: {cause or err}", file=sys.stderr)
-        return 2
+    m = featurize(args.data, args.out, BackboneConfig(**fields), data_cfg,
+                  batch_size=args.batch_size, num_actors=args.num_actors,
+                  actor_cpus=args.actor_cpus, threads=args.threads, fp16=not args.no_fp16)
     summary = {k: m[k] for k in ("n_samples", "text_dim", "image_dim", "skips", "shards_total")}
     summary["shards_done"] = len(m["shards_done"])
     summary["last_run"] = m.get("last_run")

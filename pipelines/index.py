@@ -26,11 +26,11 @@ reads); for feature corpora it points at the raw shard named by the feature mani
 from __future__ import annotations
 
 import argparse
+import logging
 import functools
 import hashlib
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -38,6 +38,7 @@ import numpy as np
 
 from pipelines.datasets import is_feature_dir
 from sdray import storage
+from sdray.progress import Progress
 
 SIDES = ("images", "captions")
 
@@ -274,7 +275,7 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: An
 
     t_start = time.time()
     timings: dict[str, float] = {}
-    log = (lambda msg: print(f"index: {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    log = logging.getLogger("pipelines.index").info if progress else (lambda msg: None)
     if shards < 1:
         raise ValueError("--shards must be >= 1")
     sides = tuple(s for s in SIDES if s in sides)
@@ -425,13 +426,15 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: An
                               sides=sides, vocab_size=len(vocab), dense_dim=dense_dim,
                               threads=None if use_gpu else threads),
             batch_format="pyarrow")
+        bar = Progress("index", len(pending), "shards", enabled=None if progress else False)
         for row in results.iter_rows():
             s = int(row["shard"])
             infos[s] = json.loads(row["info"])
             built.append(s)
-            log(f"shard {s} built in {row['seconds']:.1f}s ({len(infos)}/{shards} shards)")
+            bar.update(1, postfix=f"shard {s} built in {row['seconds']:.1f}s")
             if interrupt_after is not None and len(built) >= interrupt_after:
                 raise Interrupted(f"interrupted after {len(built)} shards (test hook)")
+        bar.close()
         timings["encode_build_s"] = round(time.time() - t0, 3)
         for s in pending:  # shards that received no document at all
             if s not in infos:
@@ -472,6 +475,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="index root (folder or s3:// prefix)")
     parser.add_argument("--shards", type=int, default=1, help="number of index shards")
     parser.add_argument("--config", default=None, help="YAML (or JSON) file of IndexConfig fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="IndexConfig override with a dotted key and a YAML value, e.g. "
+                             "--set sparse.kind=exact (repeatable; after --config)")
     parser.add_argument("--sides", default="images,captions",
                         help="which sides to build: images (answers text queries), captions (image queries)")
     parser.add_argument("--num-actors", type=int, default=1, help="encoder actors")
@@ -482,30 +488,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
 
 
-def load_config(path: str | None):
+def load_config(path: str | None, sets: list[str] | None = None):
+    from pipelines.config_show import apply_sets
     from sdray.index import IndexConfig
 
-    if not path:
-        return IndexConfig()
-    import yaml
+    data: dict = {}
+    if path:
+        import yaml
 
-    data = yaml.safe_load(storage.read_bytes(path).decode("utf-8")) or {}
-    if isinstance(data, dict) and "index" in data and set(data) - set(IndexConfig.model_fields):
-        data = data["index"]  # a whole SdrayConfig-style file
-    return IndexConfig.model_validate(data)
+        data = yaml.safe_load(storage.read_bytes(path).decode("utf-8")) or {}
+        if isinstance(data, dict) and "index" in data and set(data) - set(IndexConfig.model_fields):
+            data = data["index"]  # a whole SdrayConfig-style file
+    return IndexConfig.model_validate(apply_sets(data, sets or []))
 
 
 def main(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    try:
-        cfg = load_config(args.config)
-        summary = run_index(args.model, args.corpus, args.out, args.shards, cfg,
-                            num_actors=args.num_actors, batch_size=args.batch_size, use_gpu=args.use_gpu,
-                            threads=args.threads, sides=tuple(s.strip() for s in args.sides.split(",")))
-    except (storage.StorageError, FileNotFoundError, ValueError, ValidationError) as err:
-        print(f"sdray index: error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, getattr(args, "set", []))
+    summary = run_index(args.model, args.corpus, args.out, args.shards, cfg,
+                        num_actors=args.num_actors, batch_size=args.batch_size, use_gpu=args.use_gpu,
+                        threads=args.threads, sides=tuple(s.strip() for s in args.sides.split(",")))
     print(f"index {summary['out']} version {summary['version']}: {summary['counts']['images'] if 'images' in summary['counts'] else 0} "
           f"images, {summary['counts'].get('captions', 0)} captions in {summary['shards']} shards "
           f"(built {len(summary['built'])}, reused {len(summary['reused'])}) in {summary['timings']['total_s']:.1f}s")

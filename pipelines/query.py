@@ -24,14 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="caption query (text -> images)")
     what.add_argument("--image", help="image file query (image -> captions)")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default="hybrid")
-    parser.add_argument("--fusion", choices=["raw", "calibrated", "rrf"], default=None)
+    parser.add_argument("--k", type=int, default=10, help="hits to return")
+    parser.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default="hybrid",
+                        help="which scores rank the hits")
+    parser.add_argument("--fusion", choices=["raw", "calibrated", "rrf"], default=None,
+                        help="hybrid fusion method (default: the index's)")
     parser.add_argument("--w1", type=float, default=None, help="dense fusion weight")
     parser.add_argument("--w2", type=float, default=None, help="sparse fusion weight")
     parser.add_argument("--explain", type=int, default=None, help="explanation terms per hit")
     parser.add_argument("--token", default=os.environ.get("SDRAY_AUTH_TOKEN"), help="bearer token")
-    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the response")
     parser.add_argument("--json", action="store_true", help="print the JSON response")
 
 

@@ -24,18 +24,27 @@ import threading
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="index URI (root with CURRENT.json, or a version)")
     parser.add_argument("--model", default=None, help="model URI (default: the index manifest's)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
     parser.add_argument("--config", default=None, help="YAML/JSON file of ServeConfig fields")
-    parser.add_argument("--replicas-per-shard", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="ServeConfig override with a dotted key and a YAML value, e.g. "
+                             "--set encoder.max_replicas=4 (repeatable; applied after the flags)")
+    parser.add_argument("--replicas-per-shard", type=int, default=None,
+                        help="replicas of each shard searcher (default: the config's)")
     parser.add_argument("--shard-groups", type=int, default=None,
                         help="shard-searcher deployments (default: one per shard)")
-    parser.add_argument("--encoder-min-replicas", type=int, default=None)
-    parser.add_argument("--encoder-max-replicas", type=int, default=None)
-    parser.add_argument("--ingress-max-replicas", type=int, default=None)
-    parser.add_argument("--max-batch-size", type=int, default=None)
-    parser.add_argument("--batch-wait-s", type=float, default=None)
-    parser.add_argument("--k-max", type=int, default=None)
+    parser.add_argument("--encoder-min-replicas", type=int, default=None,
+                        help="query-encoder replicas kept up (autoscaling floor)")
+    parser.add_argument("--encoder-max-replicas", type=int, default=None,
+                        help="query-encoder autoscaling ceiling")
+    parser.add_argument("--ingress-max-replicas", type=int, default=None,
+                        help="HTTP ingress autoscaling ceiling")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="queries the encoder batches together")
+    parser.add_argument("--batch-wait-s", type=float, default=None,
+                        help="seconds the encoder waits to fill a batch")
+    parser.add_argument("--k-max", type=int, default=None, help="largest k a request may ask for")
     parser.add_argument("--auth-token", default=os.environ.get("SDRAY_AUTH_TOKEN"),
                         help="require 'Authorization: Bearer TOKEN' on /v1/* (env SDRAY_AUTH_TOKEN)")
     parser.add_argument("--api-keys-file", default=None,
@@ -99,19 +108,15 @@ def config_from_args(args: argparse.Namespace):
         data.setdefault("batch", {})["max_batch_size"] = args.max_batch_size
     if args.batch_wait_s is not None:
         data.setdefault("batch", {})["batch_wait_timeout_s"] = args.batch_wait_s
-    return ServeConfig.model_validate(data)
+    from pipelines.config_show import apply_sets
+
+    return ServeConfig.model_validate(apply_sets(data, getattr(args, "set", [])))
 
 
 def main(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from serve.app import deploy, ray_env
 
-    try:
-        cfg = config_from_args(args)
-    except (ValidationError, OSError, ValueError) as err:
-        print(f"sdray serve: bad configuration: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
     ray_env()
     import ray
     from ray import serve

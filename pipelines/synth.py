@@ -60,16 +60,18 @@ def synth(out: str, n: int = 4000, seed: int = 0, n_val: int = 500, n_test: int 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder or s3:// prefix")
     parser.add_argument("--n", type=int, default=DEFAULTS["n"], help="training (image, caption) pairs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the generated scenes")
     parser.add_argument("--n-val", type=int, default=DEFAULTS["n_val"], help="validation images")
     parser.add_argument("--n-test", type=int, default=DEFAULTS["n_test"], help="test images")
-    parser.add_argument("--captions-per-image", type=int, default=DEFAULTS["captions_per_image"])
-    parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"])
+    parser.add_argument("--captions-per-image", type=int, default=DEFAULTS["captions_per_image"],
+                        help="captions written per image")
+    parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"],
+                        help="side of the rendered square images in pixels")
     parser.add_argument("--shard-size", type=int, default=DEFAULTS["shard_size"],
                         help="samples per shard")
     parser.add_argument("--splits", default=",".join(SPLITS),
                         help="comma-separated subset of train,val,test")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,13 +81,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"sdray synth: error: unknown split(s) {bad}; choose from {list(SPLITS)}",
               file=sys.stderr)
         return 2
-    try:
-        summary = synth(args.out, n=args.n, seed=args.seed, n_val=args.n_val, n_test=args.n_test,
-                        captions_per_image=args.captions_per_image, image_size=args.image_size,
-                        shard_size=args.shard_size, splits=splits)
-    except storage.StorageError as err:
-        print(f"sdray synth: error: {err}", file=sys.stderr)
-        return 2
+    summary = synth(args.out, n=args.n, seed=args.seed, n_val=args.n_val, n_test=args.n_test,
+                    captions_per_image=args.captions_per_image, image_size=args.image_size,
+                    shard_size=args.shard_size, splits=splits)
     if args.json:
         print(json.dumps({"out": args.out, **{k: v for k, v in summary.items()}}))
     else:

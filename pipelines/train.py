@@ -33,6 +33,9 @@ import numpy as np
 
 from sdray import config as config_lib
 from sdray import storage
+from sdray.errors import TrainingFailed
+from sdray.model_card import write_model_card
+from sdray.progress import Progress
 
 RUN_NAME = "run"
 
@@ -213,6 +216,7 @@ def train_loop(config: dict) -> None:
     start_epoch = loop["epoch"]
     if loop.get("finished"):
         start_epoch = epochs
+    eta = Progress("train", max(0, config["total_steps"] - trainer.step), "steps", enabled=False)
     for epoch in range(start_epoch, epochs):
         skip = loop["batches_done"] if epoch == start_epoch else 0
         shard = ray.train.get_dataset_shard("train")
@@ -225,6 +229,7 @@ def train_loop(config: dict) -> None:
             if done + skip >= steps_per_epoch:
                 break  # keep ranks in lock-step when the streaming split is uneven
             logs = trainer.train_step(make(batch))
+            eta.update(1)
             done += 1
             n_pairs += per_worker * world
             logs_acc.append(logs)
@@ -240,7 +245,7 @@ def train_loop(config: dict) -> None:
                        if "nnz_text" in row else "")
                 print(f"[sdray train] epoch {epoch + 1}/{epochs} step {trainer.step}/"
                       f"{config['total_steps']} loss {row['loss']:.4f} tau {row['temperature']:.4f}"
-                      f"{nnz} lr {logs['lr']:.2e} {rate:.0f} pairs/s", flush=True)
+                      f"{nnz} lr {logs['lr']:.2e} {rate:.0f} pairs/s, ETA {eta.eta()}", flush=True)
             if every and trainer.step % every == 0 and done + skip < steps_per_epoch:
                 report({"epoch": epoch + 1, "step": trainer.step, "loss": logs["loss"]},
                        epoch, done + skip)
@@ -297,22 +302,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="train split: feature shards or image-text shards")
     parser.add_argument("--val", default=None, help="validation split (features or image-text shards)")
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix (resumes if present)")
-    parser.add_argument("--method", choices=["dense", "d2s", "joint"], default=None)
+    parser.add_argument("--method", choices=["dense", "d2s", "joint"], default=None,
+                        help="training method (default: the config's loss.method)")
     parser.add_argument("--init", default=None, help="model URI whose final layers to start from")
     parser.add_argument("--config", default=None, help="YAML/JSON config file or preset name")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set loss.q_reg=1e-3 (repeatable; YAML values)")
-    parser.add_argument("--backbone", default=None, choices=["packaged", "clip", "blip", "siglip"])
-    parser.add_argument("--backbone-path", default=None)
-    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--backbone", default=None, choices=["packaged", "clip", "blip", "siglip"],
+                        help="frozen backbone (default: the config's backbone.name)")
+    parser.add_argument("--backbone-path", default=None, help="hub id or folder of a HF backbone")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the config's optim.epochs)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (split over workers)")
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate, whatever the method (default: the config's)")
+    parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0,
+                        help="logical CPUs per worker (also its torch threads when >= 1)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL, AMP)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="steps; 0: per epoch")
-    parser.add_argument("--max-failures", type=int, default=2)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--max-failures", type=int, default=2,
+                        help="worker-group restarts (from the last checkpoint) before the run fails")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between progress lines")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for a local Ray")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     parser.add_argument("--inject-failure-step", type=int, default=None, help=argparse.SUPPRESS)
@@ -464,9 +474,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except Exception as err:  # Train V2 raises the worker group's error from fit()
-        raise RuntimeError(f"training failed: {err}") from err
+        raise TrainingFailed(f"training failed: {err}") from err
     if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}")
+        raise TrainingFailed(f"training failed: {result.error}")
     return finalize(out, cfg, result.checkpoint, time.time() - t0)
 
 
@@ -516,17 +526,14 @@ def finalize(out: str, cfg, checkpoint, seconds: float) -> dict[str, Any]:
         print(f"[sdray train] warning: no epoch met the nnz budget {budget}; kept the last "
               "checkpoint", file=sys.stderr)
     storage.write_json(storage.join(out, "summary.json"), summary)
+    write_model_card(out, summary)
     return summary
 
 
 def main(args: argparse.Namespace) -> int:
     from sdray.evaluation import format_table
 
-    try:
-        summary = run(args)
-    except (config_lib.ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"sdray train: {err}", file=sys.stderr)
-        return 2
+    summary = run(args)
     print(f"[sdray train] done in {summary['seconds']:.0f}s; model at {summary['model']} "
           f"(kept {summary['kept_from']}, epoch {summary['selection']['best_epoch']}, "
           f"{summary['selection']['metric']} within nnz {summary['selection']['max_nnz']})")

@@ -6,13 +6,30 @@ Layout of a model URI (local folder or ``s3://`` prefix)::
     heads.safetensors    RetrieverHeads weights (projections, sparse head, tau)
     model.json           method, dims, vocabulary size, training summary
 
-No pickle anywhere: weights are safetensors, metadata YAML/JSON.
+    README.md            model card (``save_pretrained`` / ``sdray train``; see sdray.model_card)
+
+No pickle anywhere: weights are safetensors, metadata YAML/JSON. ``from_pretrained`` also takes a
+Hugging Face Hub id (``user/name``), fetched through ``huggingface_hub`` (its cache and
+``HF_HUB_OFFLINE`` apply).
+
+Example::
+
+    >>> from sdray import RetrievalModel
+    >>> model = RetrievalModel.from_pretrained("sdray-demo/models/joint")   # doctest: +SKIP
+    >>> emb = model.encode_texts(["a red circle"], batch_size=32)           # doctest: +SKIP
+    >>> emb.dense.shape, emb.sparse.shape      # (1, D) and (1, |V|)        # doctest: +SKIP
+    >>> emb.top_terms(0, 3)                    # [(word piece, weight)] x 3  # doctest: +SKIP
+
+(docs/guide.md §10 has the same examples in a form a test runs.)
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -23,10 +40,60 @@ from sdray import storage
 from sdray.backbones import Backbone, load_backbone, load_preprocessor
 from sdray.config import SdrayConfig
 from sdray.heads import Encoded, RetrieverHeads
+from sdray.progress import Progress
 
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "config.yaml"
 META_FILE = "model.json"
+
+
+ImageInput = Image.Image | str | os.PathLike | bytes
+
+
+@dataclass
+class Embeddings(Encoded):
+    """Encodings of B inputs plus the vocabulary that names sparse dimensions.
+
+    ``dense``: (B, D) float32, L2-normalised; ``sparse``: (B, V) float32, non-negative, V = |vocab|.
+    """
+
+    vocabulary: Sequence[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.dense.shape[0])
+
+    def top_terms(self, i: int, n: int = 10) -> list[tuple[str, float]]:
+        """The ``n`` heaviest non-zero terms of row ``i``'s sparse vector as ``(word piece, weight)``."""
+        row = self.sparse[i]
+        nnz = int((row > 0).sum())
+        weights, ids = torch.topk(row, min(n, nnz)) if nnz else (row[:0], row[:0].long())
+        names = self.vocabulary
+        return [(names[j] if names is not None else str(j), float(w))
+                for j, w in zip(ids.tolist(), weights.tolist())]
+
+    def sparse_nnz(self) -> torch.Tensor:
+        """(B,) number of non-zero terms per row."""
+        return (self.sparse > 0).sum(dim=1)
+
+
+def open_image(image: ImageInput) -> Image.Image:
+    """A PIL image from a PIL image, a file path or encoded bytes (JPEG, PNG, WebP ...)."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        with Image.open(io.BytesIO(bytes(image))) as im:
+            return im.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    raise TypeError(f"an image must be a PIL image, a path or bytes, not {type(image).__name__}")
+
+
+def _batches(items: Sequence[Any], batch_size: int) -> Iterable[Sequence[Any]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]
 
 
 def build_heads(cfg: SdrayConfig, backbone: Backbone) -> RetrieverHeads:
@@ -118,18 +185,75 @@ class RetrievalModel:
         """(B, image_dim) -> Encoded (dense (B, D), sparse (B, V))."""
         return self.heads.encode_image(torch.as_tensor(features, dtype=torch.float32))
 
-    @torch.no_grad()
-    def encode_texts(self, captions: list[str]) -> Encoded:
-        batch = self.preprocessor.texts(captions)
-        feats = self.backbone.text_features(
-            torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
-        )
-        return self.encode_text_features(feats)
+    def _device(self, device: str | torch.device | None) -> torch.device:
+        dev = torch.device(device) if device is not None else next(self.heads.parameters()).device
+        self.heads.to(dev)
+        return dev
 
     @torch.no_grad()
-    def encode_images(self, images: list[Image.Image]) -> Encoded:
-        pixels = torch.from_numpy(self.preprocessor.images(images))
-        return self.encode_image_features(self.backbone.image_features(pixels))
+    def _encode(self, items: Sequence[Any], batch_size: int, device, show_progress: bool, desc: str,
+                features) -> Embeddings:
+        dev = self._device(device)
+        dense, sparse = [], []
+        bar = Progress(desc, len(items), "inputs", enabled=show_progress)
+        for batch in _batches(items, batch_size):
+            enc = features(batch, dev)
+            dense.append(enc.dense.cpu())
+            sparse.append(enc.sparse.cpu())
+            bar.update(len(batch))
+        bar.close()
+        if not dense:
+            d = self.heads.text_proj.linear.out_features
+            v = self.heads.sparse.vocab_projector.out_features
+            dense, sparse = [torch.zeros(0, d)], [torch.zeros(0, v)]
+        return Embeddings(torch.cat(dense), torch.cat(sparse), self.vocabulary)
+
+    def encode_texts(self, texts: Sequence[str] | str, batch_size: int = 64,
+                     device: str | torch.device | None = None, show_progress: bool = False) -> Embeddings:
+        """Encode captions (or one caption) with the frozen text tower and the trained heads.
+
+        Args:
+            texts: B strings (a single string counts as a batch of one).
+            batch_size: captions per forward pass.
+            device: e.g. ``"cuda"``; default: where the heads are (CPU after loading).
+            show_progress: print a progress bar / periodic lines to stderr.
+
+        Returns:
+            :class:`Embeddings` with ``dense`` (B, D) and ``sparse`` (B, V) on the CPU.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+
+        def features(batch, dev):
+            enc = self.preprocessor.texts(list(batch))
+            backbone = self.backbone.to(dev)
+            feats = backbone.text_features(torch.from_numpy(enc["input_ids"]).to(dev),
+                                           torch.from_numpy(enc["attention_mask"]).to(dev))
+            return self.heads.encode_text(feats.float())
+
+        return self._encode(texts, batch_size, device, show_progress, "encode texts", features)
+
+    def encode_images(self, images: Sequence[ImageInput] | ImageInput, batch_size: int = 32,
+                      device: str | torch.device | None = None, show_progress: bool = False) -> Embeddings:
+        """Encode images with the frozen image tower and the trained heads.
+
+        Args:
+            images: B items, each a PIL image, a file path or encoded image bytes (one item alone
+                counts as a batch of one).
+            batch_size: images per forward pass.
+            device: e.g. ``"cuda"``; default: where the heads are.
+            show_progress: print a progress bar / periodic lines to stderr.
+
+        Returns:
+            :class:`Embeddings` with ``dense`` (B, D) and ``sparse`` (B, V) on the CPU.
+        """
+        single = isinstance(images, (Image.Image, str, bytes, bytearray, os.PathLike))
+        images = [images] if single else list(images)
+
+        def features(batch, dev):
+            pixels = torch.from_numpy(self.preprocessor.images([open_image(x) for x in batch])).to(dev)
+            return self.heads.encode_image(self.backbone.to(dev).image_features(pixels).float())
+
+        return self._encode(images, batch_size, device, show_progress, "encode images", features)
 
     def save(self, uri: str) -> None:
         """Write config, heads and metadata to ``uri`` (local folder or s3:// prefix)."""
@@ -153,3 +277,39 @@ class RetrievalModel:
                 f.write(storage.read_bytes(storage.join(uri, HEADS_FILE)))
             state = load_file(local)
         return cls(cfg, _heads_like(cfg, state), storage.read_json(storage.join(uri, META_FILE)))
+
+    # ---- Hub-style folders ----------------------------------------------------------------------
+    def save_pretrained(self, directory: str, card: bool = True, **card_info: Any) -> None:
+        """:meth:`save` plus a ``README.md`` model card (Hub layout; ``directory`` may be s3://).
+
+        ``card_info`` goes to :func:`sdray.model_card.render` (``summary``, ``test``, ``data``).
+        """
+        from sdray.model_card import write_model_card
+
+        self.save(directory)
+        if card:
+            write_model_card(directory, **card_info)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, revision: str | None = None,
+                        cache_dir: str | None = None, token: str | bool | None = None) -> "RetrievalModel":
+        """Load from a local folder, an ``s3://`` prefix or a Hugging Face Hub id (``user/name``).
+
+        Hub ids go through ``huggingface_hub.snapshot_download`` (its cache, ``HF_HOME`` and
+        ``HF_HUB_OFFLINE=1`` apply); the backbone named in the model's config is loaded when the
+        model first encodes raw text or images.
+        """
+        if storage.is_remote(name_or_path) or os.path.isdir(name_or_path):
+            return cls.load(name_or_path)
+        if not _looks_like_hub_id(name_or_path):
+            raise FileNotFoundError(f"{name_or_path}: no such model folder (and not a Hub id user/name)")
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                                  allow_patterns=[HEADS_FILE, CONFIG_FILE, META_FILE, "README.md"])
+        return cls.load(local)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))

@@ -78,15 +78,17 @@ def comparison_table(methods: dict[str, dict], direction: str = "t2i", markdown:
 
 
 def timings_table(timings: dict[str, float], reused: Iterable[str] = (), markdown: bool = False) -> str:
+    """Stage, seconds, share of the total, and whether the stage was reused from an earlier run."""
     reused = set(reused)
     total = sum(v for v in timings.values() if isinstance(v, (int, float)))
-    rows = [(k, f"{v:.1f}", "reused" if k in reused else "") for k, v in timings.items()]
-    rows.append(("total", f"{total:.1f}", ""))
+    share = lambda v: f"{100.0 * v / total:.0f}%" if total > 0 else "-"
+    rows = [(k, f"{v:.1f}", share(v), "reused" if k in reused else "") for k, v in timings.items()]
+    rows.append(("total", f"{total:.1f}", "100%" if total > 0 else "-", ""))
     if markdown:
-        return "\n".join(["| stage | seconds | |", "|---|---:|---|"]
-                         + [f"| {a} | {b} | {c} |" for a, b, c in rows])
+        return "\n".join(["| stage | seconds | share | |", "|---|---:|---:|---|"]
+                         + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows])
     w = max(len(r[0]) for r in rows)
-    return "\n".join(f"{a.ljust(w)}  {b.rjust(8)}  {c}".rstrip() for a, b, c in rows)
+    return "\n".join(f"{a.ljust(w)}  {b.rjust(8)}  {c.rjust(5)}  {d}".rstrip() for a, b, c, d in rows)
 
 
 # ----------------------------------------------------------------------------- plots

@@ -153,6 +153,15 @@ def test_demo_end_to_end_small(tmp_path):
         assert f"plots/{name}" in text
     assert "| d2s | sparse |" in text
 
+    # each model folder is Hub-style: a model card with val (from training) and test metrics
+    from sdray.model_card import parse_front_matter
+
+    card = parse_front_matter((work / "models" / "joint" / "README.md").read_text())
+    assert card["library_name"] == "sdray" and card["method"] == "joint"
+    assert card["metrics"]["test"]["t2i"]["sparse"] == {
+        k: round(v, 4) for k, v in out["methods"]["joint"]["t2i"]["sparse"].items()}
+    assert set(card["metrics"]["val"]) == {"t2i", "i2t"} and card["sparsity"]["test"]["text_nnz"] > 0
+
     # sample queries through the served endpoint, with explanations
     assert len(out["queries"]) == 4
     assert {q["kind"] for q in out["queries"]} == {"text", "image"}

@@ -138,18 +138,13 @@ def test_synth_then_featurize_through_s3(ray_session, s3_server, tmp_path, capsy
 
 
 def test_wrong_credentials_give_a_clear_error(s3_server, monkeypatch, tmp_path, capsys):
-    from pipelines import featurize as fjob
-    from pipelines import synth as sjob
-
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong")
     uri = s3_server.uri("nope")
     with pytest.raises(storage.StorageError, match="credentials"):
         storage.check_access(uri)
-    p = argparse.ArgumentParser()
-    sjob.add_arguments(p)
-    assert sjob.main(p.parse_args(["--out", uri, "--n", "2"])) == 2
-    p = argparse.ArgumentParser()
-    fjob.add_arguments(p)
-    assert fjob.main(p.parse_args(["--data", uri, "--out", str(tmp_path / "o")])) == 2
+    from pipelines.cli import EXIT_STORAGE, main as cli_main
+
+    assert cli_main(["synth", "--out", uri, "--n", "2"]) == EXIT_STORAGE  # one line, no traceback
+    assert cli_main(["featurize", "--data", uri, "--out", str(tmp_path / "o")]) == EXIT_STORAGE
     err = capsys.readouterr().err
     assert uri in err and "credentials" in err and "AWS_SECRET_ACCESS_KEY" in err

@@ -5,12 +5,12 @@ nothing duplicated."""
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.cli import EXIT_STORAGE
 from sdray import storage
 from sdray.config import StorageConfig
 from tests.faultproxy import FaultProxy
@@ -34,14 +34,11 @@ def corpus(s3_server):
 
 
 def _run(data, out, capsys) -> tuple[int, str, float]:
-    from pipelines import featurize as job
+    from pipelines.cli import main as cli
 
-    p = argparse.ArgumentParser()
-    job.add_arguments(p)
-    args = p.parse_args(["--data", data, "--out", out, "--image-size", "32", "--batch-size", "8"])
     t0 = time.monotonic()
     with storage.retries(BUDGET):
-        rc = job.main(args)
+        rc = cli(["featurize", "--data", data, "--out", out, "--image-size", "32", "--batch-size", "8"])
     return rc, capsys.readouterr().err, time.monotonic() - t0
 
 
@@ -100,8 +97,8 @@ def test_featurize_faults(ray_session, s3_server, corpus, monkeypatch, capsys):
         watcher = proxy.when(first_record_written(s3_server.endpoint, down), proxy.down)
         rc, err, t_down = _run(corpus, down, capsys)
         watcher.join(5)
-        assert rc == 2
-        assert "sdray featurize: error:" in err and "reading shard s3://" in err and "attempts" in err
+        assert rc == EXIT_STORAGE  # the central handler: one line, the storage exit code
+        assert "sdray featurize: storage error:" in err and "reading shard s3://" in err and "attempts" in err
         # back up: the rerun completes what is missing, nothing lost, nothing twice
         proxy.up()
         rc, err, t_rerun = _run(corpus, down, capsys)

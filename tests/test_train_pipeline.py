@@ -86,16 +86,18 @@ def test_dense_on_s3_killed_then_resumed(ray_session, s3_server, tiny_data, tmp_
     out = s3_server.uri("train-test/dense")
     args = _common(tiny_data, out, "dense", 2, num_workers=2, checkpoint_every=3)
     # run 1: a worker dies at step 5 and no retry is allowed -> the run fails
-    with pytest.raises(RuntimeError, match="training failed"):
-        cli(args + ["--max-failures", "0", "--inject-failure-step", "5",
-                    "--failure-marker", str(tmp_path / "fail1")])
+    from pipelines.cli import EXIT_TRAINING
+
+    assert cli(args + ["--max-failures", "0", "--inject-failure-step", "5",
+                       "--failure-marker", str(tmp_path / "fail1")]) == EXIT_TRAINING
+    assert "sdray train: training failed:" in capsys.readouterr().err
     assert storage.list_files(storage.join(out, "run"), (".safetensors",)), "no checkpoint on S3"
     # run 2: the same command resumes from the last checkpoint and finishes
     assert cli(args + ["--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["resumed_from"] and summary["resumed_from"][0] >= 3
     assert summary["steps"] == 16 and summary["epochs_run"] == 2
-    for name in ("heads.safetensors", "config.yaml", "model.json", "metrics.jsonl", "summary.json",
+    for name in ("heads.safetensors", "config.yaml", "model.json", "metrics.jsonl", "summary.json", "README.md",
                  "plots/loss.png", "plots/recall.png", "plots/nnz.png", "best/heads.safetensors"):
         assert storage.exists(storage.join(out, name)), name
     rows = [json.loads(line) for line in storage.read_bytes(storage.join(out, "metrics.jsonl")).decode().splitlines()]

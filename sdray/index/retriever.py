@@ -75,7 +75,9 @@ class Retriever:
         vocabulary: list[str] | None = None,
         manifest: dict | None = None,
         shard_ids: dict[str, list[int]] | None = None,
+        model: Any = None,
     ):
+        self.model = model
         self.shards = {s: v for s, v in shards.items() if v}
         self.config = config or IndexConfig()
         self.fusion = dict(fusion or {"method": "calibrated", "w1": 1.0, "w2": 1.0, "tau": 0.07})
@@ -99,12 +101,15 @@ class Retriever:
         version: str | None = None,
         config: IndexConfig | dict | None = None,
         verify: bool | None = None,
+        model: Any = None,
     ) -> "Retriever":
         """Load the published version at ``uri`` (or ``uri`` = a version folder, or ``version``).
 
         ``shards``: indices of the shards to load (default all); ``sides``: ``images``,
         ``captions`` or both (default: what the index has). ``config`` overrides search-time
         knobs (candidates, nprobe, efSearch, query_cut, heap_factor); build-time ones are ignored.
+        ``model``: the :class:`sdray.model.RetrievalModel` that encodes ``search(text=|image=)``
+        queries (default: loaded on first use from the model URI the manifest names).
         """
         out, v = mf.index_root(uri)
         version = version or v
@@ -142,7 +147,7 @@ class Retriever:
         vocab = None
         if manifest.get("vocab"):
             vocab = read_index_json(storage.join(out, version, manifest["vocab"]))
-        return cls(by_side, cfg, manifest.get("fusion") or None, vocab, manifest, ids)
+        return cls(by_side, cfg, manifest.get("fusion") or None, vocab, manifest, ids, model)
 
     # ---- searching ----------------------------------------------------------------------------
     @property
@@ -167,13 +172,35 @@ class Retriever:
         candidates: int | None = None,
         fusion: dict | None = None,
         explain: int = 0,
+        *,
+        text: str | Sequence[str] | None = None,
+        image: Any = None,
     ) -> list[list[Hit]]:
-        """Top-``k`` hits per query from encoded queries.
+        """Top-``k`` hits per query, from raw queries or encoded ones.
 
-        ``dense (B, D)`` L2-normalised and/or ``sparse (B, V)`` (tensor, array, scipy or CSR).
-        ``side``: ``images`` (text queries) or ``captions`` (image queries). ``explain`` > 0 adds
-        that many shared sparse terms per hit.
+        Raw: ``text`` (a caption or B captions; searches the images) or ``image`` (a PIL image,
+        path or bytes, or a list of B; searches the captions), encoded with :attr:`model`.
+        Encoded: ``dense (B, D)`` L2-normalised and/or ``sparse (B, V)`` (tensor, array, scipy or
+        CSR) on ``side``: ``images`` (text queries) or ``captions`` (image queries).
+        ``mode``: ``dense``, ``sparse`` or ``hybrid``. ``explain`` > 0 adds that many shared
+        sparse terms per hit. Returns B lists of at most ``k`` :class:`Hit`, best first.
+
+        Example (docs/guide.md §10 runs it)::
+
+            retriever = Retriever.load("sdray-demo/index")   # model: the one the manifest names
+            hits = retriever.search(text="a red circle", k=3)[0]
         """
+        if text is not None or image is not None:
+            if text is not None and image is not None:
+                raise ValueError("give text= or image=, not both")
+            if dense is not None or sparse is not None:
+                raise ValueError("give raw queries (text=/image=) or encoded ones (dense=/sparse=), not both")
+            model = self.query_model()
+            if text is not None:
+                enc, side = model.encode_texts(text), "images"
+            else:
+                enc, side = model.encode_images(image), "captions"
+            dense, sparse = enc.dense, enc.sparse
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if side not in self.shards:
@@ -294,6 +321,17 @@ class Retriever:
         return hit
 
     # ---- model-level conveniences -------------------------------------------------------------
+    def query_model(self) -> Any:
+        """The model that encodes raw queries: the one given, else the manifest's model URI."""
+        if self.model is None:
+            uri = self.manifest.get("model")
+            if not uri:
+                raise ValueError("this index names no model; pass model= to Retriever.load")
+            from sdray.model import RetrievalModel
+
+            self.model = RetrievalModel.load(uri)
+        return self.model
+
     def search_encoded(self, encoded: Any, query_modality: str, **kw: Any) -> list[list[Hit]]:
         """Search with an ``Encoded`` (``.dense``, ``.sparse``): text queries hit the images side."""
         side = {"text": "images", "image": "captions"}[query_modality]
