@@ -22,6 +22,7 @@ from sdray import config as config_lib
 from sdray import storage
 from sdray.backbones import Backbone, load_backbone, load_preprocessor
 from sdray.config import SdrayConfig
+from sdray.devices import backbone_autocast, module_device, to_module_device
 from sdray.heads import Encoded, RetrieverHeads
 
 HEADS_FILE = "heads.safetensors"
@@ -80,13 +81,21 @@ class RetrievalModel:
 
     @property
     def tau(self) -> float:
-        return float(self.heads.tau.detach())
+        return float(self.heads.tau.detach().cpu())
 
     @property
     def backbone(self) -> Backbone:
-        if self._backbone is None:
+        if self._backbone is None:  # loaded on first use, beside the heads
             self._backbone = load_backbone(self.config.backbone, proj_dim=self.config.heads.dense_dim)
+            self._backbone.to(module_device(self.heads))
         return self._backbone
+
+    def to(self, device: str | torch.device) -> "RetrievalModel":
+        """Put the heads (and the backbone, if loaded) on ``device``; returns ``self``."""
+        self.heads.to(device)
+        if self._backbone is not None:
+            self._backbone.to(device)
+        return self
 
     @property
     def preprocessor(self):
@@ -100,26 +109,30 @@ class RetrievalModel:
 
     @torch.no_grad()
     def encode_text_features(self, features: torch.Tensor) -> Encoded:
-        """(B, text_dim) -> Encoded (dense (B, D), sparse (B, V))."""
-        return self.heads.encode_text(torch.as_tensor(features, dtype=torch.float32))
+        """(B, text_dim) -> Encoded (dense (B, D), sparse (B, V)) on the heads' device."""
+        return self.heads.encode_text(to_module_device(features, self.heads, torch.float32))
 
     @torch.no_grad()
     def encode_image_features(self, features: torch.Tensor) -> Encoded:
-        """(B, image_dim) -> Encoded (dense (B, D), sparse (B, V))."""
-        return self.heads.encode_image(torch.as_tensor(features, dtype=torch.float32))
+        """(B, image_dim) -> Encoded (dense (B, D), sparse (B, V)) on the heads' device."""
+        return self.heads.encode_image(to_module_device(features, self.heads, torch.float32))
 
     @torch.no_grad()
     def encode_texts(self, captions: list[str]) -> Encoded:
+        """Captions -> Encoded; the backbone runs on its own device (fp16 autocast on CUDA)."""
         batch = self.preprocessor.texts(captions)
-        feats = self.backbone.text_features(
-            torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
-        )
-        return self.encode_text_features(feats)
+        backbone = self.backbone
+        with backbone_autocast(module_device(backbone)):
+            feats = backbone.text_features(to_module_device(batch["input_ids"], backbone),
+                                           to_module_device(batch["attention_mask"], backbone))
+        return self.encode_text_features(feats.float())
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> Encoded:
-        pixels = torch.from_numpy(self.preprocessor.images(images))
-        return self.encode_image_features(self.backbone.image_features(pixels))
+        """PIL images -> Encoded: uint8 pixels go to the backbone's device and are normalised there."""
+        backbone = self.backbone
+        pixels = to_module_device(self.preprocessor.pixels_uint8(images), backbone)
+        return self.encode_image_features(backbone.uint8_image_features(pixels))
 
     def save(self, uri: str) -> None:
         """Write config, heads and metadata to ``uri`` (local folder or s3:// prefix)."""

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from sdray.devices import backbone_autocast
+
 
 class Preprocessor:
     """Tokenises captions and resizes + normalises images the way a backbone's weights expect.
@@ -59,13 +61,36 @@ class Preprocessor:
         left, top = (w - size) // 2, (h - size) // 2
         return image.crop((left, top, left + size, top + size))
 
-    def images(self, images: list[Image.Image]) -> np.ndarray:
-        """PIL images -> float32 array (B, 3, S, S), normalised for the backbone's weights."""
-        out = np.empty((len(images), 3, self.image_size, self.image_size), np.float32)
+    def pixels_uint8(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images -> resized uint8 array (B, 3, S, S), not yet normalised.
+
+        This is what crosses the object store and the host-to-device link (a quarter of the
+        float32 bytes); :meth:`Backbone.normalize` finishes the job on the model's device.
+        """
+        out = np.empty((len(images), 3, self.image_size, self.image_size), np.uint8)
         for i, image in enumerate(images):
-            pixels = np.asarray(self._resize(image), np.float32).transpose(2, 0, 1)
-            out[i] = (pixels * self.rescale - self.mean) / self.std
+            out[i] = np.asarray(self._resize(image), np.uint8).transpose(2, 0, 1)
         return out
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float) pixels (B, 3, S, S) in [0, 255] -> float32 ``(p·rescale − mean) / std``,
+        computed on ``pixels``' device."""
+        mean = torch.as_tensor(self.mean, device=pixels.device)
+        std = torch.as_tensor(self.std, device=pixels.device)
+        return (pixels.to(torch.float32) * self.rescale - mean) / std
+
+    def images(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images -> float32 array (B, 3, S, S), normalised for the backbone's weights
+        (:meth:`pixels_uint8` then :meth:`normalize`, on the CPU)."""
+        return self.normalize(torch.from_numpy(self.pixels_uint8(images))).numpy()
+
+    def signature(self) -> dict:
+        """The preprocessing that determines features: image size, caption length and the
+        normalisation constants (recorded in feature manifests, checked by train and index)."""
+        return {"image_size": int(self.image_size), "max_text_length": int(self.max_text_length),
+                "mean": [float(x) for x in self.mean.reshape(-1)],
+                "std": [float(x) for x in self.std.reshape(-1)], "rescale": self.rescale,
+                "resample": self.resample, "center_crop": bool(self.center_crop)}
 
     def texts(self, captions: list[str]) -> dict[str, np.ndarray]:
         """Captions -> ``input_ids`` and ``attention_mask``, int64 (B, max_text_length)."""
@@ -128,6 +153,18 @@ class Backbone(nn.Module):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """float (B, 3, S, S) normalised pixels -> float (B, image_dim) pre-projection features."""
         raise NotImplementedError
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (B, 3, S, S) -> the normalised float input of :meth:`image_features`, on
+        ``pixels``' device (the preprocessor's constants; e.g. ``(p − 127) / 128`` for the
+        packaged EfficientNet-Lite0)."""
+        return self.preprocessor.normalize(pixels)
+
+    def uint8_image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (B, 3, S, S) on the backbone's device -> float32 (B, image_dim) features:
+        normalised there, then the image tower under fp16 autocast on CUDA."""
+        with backbone_autocast(pixels.device):
+            return self.image_features(self.normalize(pixels)).float()
 
     def _word_embedding(self) -> nn.Embedding:
         raise NotImplementedError
