@@ -22,7 +22,7 @@ from sdray import config as config_lib
 from sdray import storage
 from sdray.backbones import Backbone, load_backbone, load_preprocessor
 from sdray.config import SdrayConfig
-from sdray.devices import backbone_autocast, module_device, to_module_device
+from sdray.devices import module_device, to_module_device
 from sdray.heads import Encoded, RetrieverHeads
 
 HEADS_FILE = "heads.safetensors"
@@ -122,17 +122,16 @@ class RetrievalModel:
         """Captions -> Encoded; the backbone runs on its own device (fp16 autocast on CUDA)."""
         batch = self.preprocessor.texts(captions)
         backbone = self.backbone
-        with backbone_autocast(module_device(backbone)):
-            feats = backbone.text_features(to_module_device(batch["input_ids"], backbone),
-                                           to_module_device(batch["attention_mask"], backbone))
-        return self.encode_text_features(feats.float())
+        feats = backbone.token_features(to_module_device(batch["input_ids"], backbone),
+                                        to_module_device(batch["attention_mask"], backbone))
+        return self.encode_text_features(feats)
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> Encoded:
         """PIL images -> Encoded: uint8 pixels go to the backbone's device and are normalised there."""
         backbone = self.backbone
         pixels = to_module_device(self.preprocessor.pixels_uint8(images), backbone)
-        return self.encode_image_features(backbone.uint8_image_features(pixels))
+        return self.encode_image_features(backbone.pixel_features(pixels))
 
     def save(self, uri: str) -> None:
         """Write config, heads and metadata to ``uri`` (local folder or s3:// prefix)."""

@@ -47,6 +47,7 @@ class Preprocessor:
         self.rescale = float(rescale)
         self.resample = int(resample)
         self.center_crop = center_crop
+        self.normalize_on_device = False
         self._vocabulary: list[str] | None = None
 
     def _resize(self, image: Image.Image) -> Image.Image:
@@ -83,6 +84,21 @@ class Preprocessor:
         """PIL images -> float32 array (B, 3, S, S), normalised for the backbone's weights
         (:meth:`pixels_uint8` then :meth:`normalize`, on the CPU)."""
         return self.normalize(torch.from_numpy(self.pixels_uint8(images))).numpy()
+
+    def model_pixels(self, images: list[Image.Image]) -> np.ndarray:
+        """What the decode stage ships to the model: uint8 (B, 3, S, S) when
+        ``normalize_on_device`` (the consumer calls :meth:`Backbone.pixel_features`), else the
+        normalised float32 of :meth:`images`."""
+        if not images:
+            dtype = np.uint8 if self.normalize_on_device else np.float32
+            return np.zeros((0, 3, self.image_size, self.image_size), dtype)
+        return self.pixels_uint8(images) if self.normalize_on_device else self.images(images)
+
+    def for_device_normalization(self) -> "Preprocessor":
+        """A copy whose decode output is uint8 pixels (normalised later, on the model's device)."""
+        other = copy.copy(self)
+        other.normalize_on_device = True
+        return other
 
     def signature(self) -> dict:
         """The preprocessing that determines features: image size, caption length and the
@@ -160,11 +176,21 @@ class Backbone(nn.Module):
         packaged EfficientNet-Lite0)."""
         return self.preprocessor.normalize(pixels)
 
-    def uint8_image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels (B, 3, S, S) on the backbone's device -> float32 (B, image_dim) features:
-        normalised there, then the image tower under fp16 autocast on CUDA."""
-        with backbone_autocast(pixels.device):
-            return self.image_features(self.normalize(pixels)).float()
+    def pixel_features(self, pixels: torch.Tensor, fp16: bool = True) -> torch.Tensor:
+        """Pixels (B, 3, S, S) on the backbone's device -> float32 (B, image_dim) features.
+
+        uint8 pixels (:meth:`Preprocessor.pixels_uint8`) are normalised there first; float pixels
+        are taken as already normalised. The image tower runs under fp16 autocast on CUDA
+        (``fp16``)."""
+        x = self.normalize(pixels) if pixels.dtype == torch.uint8 else pixels.float()
+        with backbone_autocast(pixels.device, fp16):
+            return self.image_features(x).float()
+
+    def token_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       fp16: bool = True) -> torch.Tensor:
+        """:meth:`text_features` under fp16 autocast on CUDA, as float32 (B, text_dim)."""
+        with backbone_autocast(input_ids.device, fp16):
+            return self.text_features(input_ids, attention_mask).float()
 
     def _word_embedding(self) -> nn.Embedding:
         raise NotImplementedError
