@@ -131,6 +131,7 @@ def train_loop(config: dict) -> None:
     cfg = config_lib.loads(config["config_yaml"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    dist_state = {"backend": dist.get_backend() if dist.is_initialized() else None, "world_size": world}
     torch.manual_seed(cfg.optim.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if config["use_gpu"] else torch.device("cpu")
     if config.get("threads"):
@@ -167,7 +168,7 @@ def train_loop(config: dict) -> None:
         loop_state = {"epoch": epoch, "batches_done": batches_done, "history": history,
                       "selector": selector.to_json(), "finished": finished,
                       "stopped_early": loop.get("stopped_early", False),
-                      "resumed_from": loop.get("resumed_from", [])}
+                      "resumed_from": loop.get("resumed_from", []), "dist": dist_state}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -512,6 +513,7 @@ def finalize(out: str, cfg, checkpoint, seconds: float) -> dict[str, Any]:
         "steps": max((r["step"] for r in history), default=0),
         "resumed_from": loop.get("resumed_from", []),
         "seconds": seconds, "val": kept.get("result") if kept else None,
+        "dist": loop.get("dist"),
     }
     if kept_from == "last" and budget is not None and vals:
         print(f"[sdray train] warning: no epoch met the nnz budget {budget}; kept the last "
