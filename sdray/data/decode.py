@@ -101,7 +101,11 @@ def decode_batch(batch: dict[str, Any], preprocessor: Any | None, counts: SkipCo
     }
     captions = [str(c) for c in out.get("caption", [])]
     if preprocessor is not None:
-        out["pixels"] = preprocessor.model_pixels(images)  # float32, or uint8 (normalised on device)
+        if getattr(preprocessor, "normalize_on_device", False):
+            out["pixels"] = preprocessor.model_pixels(images)  # uint8: normalised on the model's device
+        else:
+            out["pixels"] = np.asarray(preprocessor.images(images), np.float32) if images else (
+                np.zeros((0, 3, size or 1, size or 1), np.float32))
         if captions:
             tok = preprocessor.texts(captions)
             out["input_ids"] = np.asarray(tok["input_ids"], np.int64)

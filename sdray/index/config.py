@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 #: documents per shard from which ``auto`` builds IVF instead of flat (benchmarks/dense_kind.py)
-IVF_MIN_DOCS = 50_000
+IVF_MIN_DOCS = 20_000
 
 
 class _Strict(BaseModel):
