@@ -27,6 +27,7 @@ Without a GPU every path runs its CPU equivalent (``device: "cpu"``) and only th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -65,7 +66,8 @@ class Smoke:
         else:
             t0 = time.perf_counter()
             try:
-                extra = fn()
+                with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
+                    extra = fn()
                 row["ok"] = True
             except Exception as err:  # noqa: BLE001 - a failed path is reported, the others still run
                 extra = {"error": f"{type(err).__name__}: {err}",
@@ -250,7 +252,8 @@ def run_all(work: str, gpus: int, n: int, image_size: int, emit: Callable[[str],
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    smoke.data()
+    with contextlib.redirect_stdout(sys.stderr):
+        smoke.data()
     smoke.run("featurize", smoke.featurize)
     trained = smoke.run("train", smoke.train)["ok"] is True
     smoke.run("train_2gpu", smoke.train_2gpu, needs=None if gpus >= 2 else "needs 2 GPUs")
