@@ -100,14 +100,6 @@ class Preprocessor:
         other.normalize_on_device = True
         return other
 
-    def signature(self) -> dict:
-        """The preprocessing that determines features: image size, caption length and the
-        normalisation constants (recorded in feature manifests, checked by train and index)."""
-        return {"image_size": int(self.image_size), "max_text_length": int(self.max_text_length),
-                "mean": [float(x) for x in self.mean.reshape(-1)],
-                "std": [float(x) for x in self.std.reshape(-1)], "rescale": self.rescale,
-                "resample": self.resample, "center_crop": bool(self.center_crop)}
-
     def texts(self, captions: list[str]) -> dict[str, np.ndarray]:
         """Captions -> ``input_ids`` and ``attention_mask``, int64 (B, max_text_length)."""
         enc = self.tokenizer(list(captions), padding="max_length", truncation=True,
