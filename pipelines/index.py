@@ -257,7 +257,8 @@ class Interrupted(RuntimeError):
 
 def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: Any = None, *,
               num_actors: int = 1, batch_size: int = 64, use_gpu: bool | None = None,
-              num_gpus_per_actor: float = 1.0, threads: int | None = None, sides: tuple[str, ...] = SIDES, progress: bool = True,
+              num_gpus_per_actor: float = 1.0, threads: int | None = None,
+              sides: tuple[str, ...] = SIDES, progress: bool = True,
               interrupt_after: int | None = None) -> dict:
     """Run the index job; returns a summary (version, counts, shards built/reused, skips, timings).
 
