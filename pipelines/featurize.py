@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from sdray import storage
+from sdray.backbones.compat import feature_signature
 from sdray.config import BackboneConfig, DataConfig, StorageConfig
 from sdray.progress import Progress
 
@@ -44,22 +45,27 @@ FEATURE_COLUMNS = ("sample_id", "image_id", "caption", "key", "url", "input_ids"
 class Featurizer:
     """Actor: the frozen backbone. ``__call__`` featurizes whole input shards (one row of
     ``shard``, ``shard_id``, ``output``, ``record`` URIs each) and returns their records;
-    :meth:`features` maps one decoded batch to feature rows."""
+    :meth:`features` maps one decoded batch to feature rows.
+
+    Images are decoded to uint8 pixels (a quarter of float32's bytes over PCIe) and normalised on
+    the actor's device; the backbone runs under fp16 autocast on CUDA (``fp16``). ``use_gpu``:
+    True / False, or ``None`` for "when one is visible"."""
 
     def __init__(self, backbone_cfg: dict, fp16: bool = True, threads: int | None = None,
                  cache_size: int = 4096, *, data_cfg: dict | None = None,
-                 storage_cfg: dict | None = None, batch_size: int = 64):
+                 storage_cfg: dict | None = None, batch_size: int = 64, use_gpu: bool | None = None):
         import torch
 
         from sdray.backbones import load_backbone, load_preprocessor
+        from sdray.devices import resolve_device
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(use_gpu)
         self.fp16 = bool(fp16 and self.device.type == "cuda")
         self.backbone_cfg = BackboneConfig(**backbone_cfg)
         self.backbone = load_backbone(self.backbone_cfg).to(self.device).eval()
-        self.preprocessor = load_preprocessor(self.backbone_cfg)
+        self.preprocessor = load_preprocessor(self.backbone_cfg).for_device_normalization()
         self.data_cfg = DataConfig.model_validate(data_cfg or {})
         self.storage_cfg = storage.configure_retries(storage_cfg, export_env=False)
         self.batch_size = int(batch_size)
@@ -79,9 +85,9 @@ class Featurizer:
                 todo[iid] = i
         if todo:
             idx = list(todo.values())
-            x = torch.from_numpy(np.ascontiguousarray(pixels[idx])).to(self.device)
-            with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.fp16):
-                feats = self.backbone.image_features(x).float().cpu().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(pixels[idx])).to(self.device, non_blocking=True)
+            with torch.inference_mode():
+                feats = self.backbone.pixel_features(x, self.fp16).cpu().numpy()
             if len(self.cache) + len(todo) > self.cache_size:
                 self.cache.clear()
             for (iid, _), f in zip(todo.items(), feats):
@@ -93,10 +99,10 @@ class Featurizer:
     def _text_features(self, ids, mask) -> np.ndarray:
         import torch
 
-        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self.fp16):
-            t = self.backbone.text_features(torch.from_numpy(ids).to(self.device),
-                                            torch.from_numpy(mask).to(self.device))
-        return t.float().cpu().numpy()
+        with torch.inference_mode():
+            t = self.backbone.token_features(torch.from_numpy(ids).to(self.device),
+                                             torch.from_numpy(mask).to(self.device), self.fp16)
+        return t.cpu().numpy()
 
     def features(self, batch: dict) -> "Any":
         """Decoded batch (``pixels`` (B,3,S,S), ``input_ids``/``attention_mask`` (B,L), ids,
@@ -180,6 +186,18 @@ class Featurizer:
         return {"record": np.asarray([json.dumps(r) for r in recs], dtype=object)}
 
 
+def actor_pool_bounds(num_actors: int, min_actors: int | None,
+                      max_actors: int | None) -> tuple[int, int]:
+    """``(min_size, max_size)`` of the backbone actor pool: fixed at ``num_actors`` unless
+    ``min_actors``/``max_actors`` ask for an autoscaling pool (Ray Data adds actors up to
+    ``max_size`` while work queues up, e.g. as a cluster autoscaler brings GPU nodes)."""
+    lo = num_actors if min_actors is None else min_actors
+    hi = max(lo, num_actors) if max_actors is None else max_actors
+    if lo < 1 or hi < lo:
+        raise ValueError(f"actor pool needs 1 <= --min-actors ({lo}) <= --max-actors ({hi})")
+    return lo, hi
+
+
 def backbone_dims(backbone_cfg: BackboneConfig) -> tuple[int, int, int]:
     """(text_dim, image_dim, vocab_size) without keeping the model around."""
     from sdray.backbones import load_backbone
@@ -234,8 +252,14 @@ def featurize(data: str, out: str, backbone_cfg: BackboneConfig | None = None,
               data_cfg: DataConfig | None = None, *, batch_size: int = 64,
               num_actors: int = 1, actor_cpus: float | None = None, threads: int | None = None,
               use_gpu: bool | None = None, fp16: bool = True, progress: bool = True,
-              max_shards: int | None = None, storage_cfg: StorageConfig | None = None) -> dict:
+              max_shards: int | None = None, storage_cfg: StorageConfig | None = None,
+              num_gpus_per_actor: float = 1.0, min_actors: int | None = None,
+              max_actors: int | None = None) -> dict:
     """Run the featurize job; returns the manifest (also written to ``OUT/manifest.json``).
+
+    ``use_gpu``: backbone actors on GPUs (``None``: when the cluster has one), each reserving
+    ``num_gpus_per_actor`` (a fraction packs several actors on one GPU). The actor pool scales
+    between ``min_actors`` and ``max_actors`` (default: a fixed pool of ``num_actors``).
 
     Raises :class:`~sdray.storage.ShardStorageError` (through Ray) when a shard cannot be read after
     every retry, and ``ValueError`` when the input is not empty but no sample was kept.
@@ -244,13 +268,16 @@ def featurize(data: str, out: str, backbone_cfg: BackboneConfig | None = None,
         return _featurize(data, out, backbone_cfg or BackboneConfig(), data_cfg or DataConfig(),
                           batch_size=batch_size, num_actors=num_actors, actor_cpus=actor_cpus,
                           threads=threads, use_gpu=use_gpu, fp16=fp16, progress=progress,
-                          max_shards=max_shards, storage_cfg=storage.retry_config())
+                          max_shards=max_shards, storage_cfg=storage.retry_config(),
+                          num_gpus_per_actor=num_gpus_per_actor,
+                          pool=actor_pool_bounds(num_actors, min_actors, max_actors))
 
 
 def _featurize(data: str, out: str, backbone_cfg: BackboneConfig, data_cfg: DataConfig, *,
                batch_size: int, num_actors: int, actor_cpus: float | None, threads: int | None,
                use_gpu: bool | None, fp16: bool, progress: bool, max_shards: int | None,
-               storage_cfg: StorageConfig) -> dict:
+               storage_cfg: StorageConfig, num_gpus_per_actor: float,
+               pool: tuple[int, int]) -> dict:
     import ray
 
     from pipelines.datasets import ensure_ray, list_shards, retry_shard_tasks, shard_ids
@@ -279,7 +306,7 @@ def _featurize(data: str, out: str, backbone_cfg: BackboneConfig, data_cfg: Data
         # Logical CPUs reserved per actor and torch threads per actor (the cores it may use).
         actor_cpus = 1.0 if actor_cpus is None else actor_cpus
         if threads is None:
-            threads = max(1, (os.cpu_count() or 1) // max(num_actors, 1))
+            threads = max(1, (os.cpu_count() or 1) // pool[1])
         items = [{"shard": s, "shard_id": ids[s], "output": storage.join(out, ids[s] + ".parquet"),
                   "record": storage.join(out, RECORDS, ids[s] + ".json")} for s in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -290,10 +317,10 @@ def _featurize(data: str, out: str, backbone_cfg: BackboneConfig, data_cfg: Data
                                    "threads": None if use_gpu else threads,
                                    "data_cfg": data_cfg.model_dump(mode="json"),
                                    "storage_cfg": storage_cfg.model_dump(),
-                                   "batch_size": batch_size},
+                                   "batch_size": batch_size, "use_gpu": bool(use_gpu)},
             batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus,
+            compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
+            num_gpus=num_gpus_per_actor if use_gpu else 0, num_cpus=actor_cpus,
             # this job's S3 settings reach its actors even on a cluster started with others
             runtime_env={"env_vars": storage.s3_env()} if storage.s3_env() else None)
         for row in ds.iter_rows():
@@ -345,6 +372,8 @@ def _manifest_dict(data: str, out: str, backbone_cfg: BackboneConfig, done: dict
         "data": str(data),
         "backbone": backbone_cfg.model_dump(mode="json"),
         "backbone_name": backbone_cfg.name,
+        "preprocessing": {**feature_signature(backbone_cfg),
+                          "pixels": "uint8 to the backbone's device, normalised there"},
         "text_dim": dims["text_dim"],
         "image_dim": dims["image_dim"],
         "n_samples": int(sum(rec["n_samples"] for rec in done.values())),
@@ -369,7 +398,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-text-length", type=int, default=None,
                         help="caption tokens after truncation (default: the backbone config's)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per backbone forward pass")
-    parser.add_argument("--num-actors", type=int, default=1, help="backbone actors (one per GPU, or CPU share)")
+    parser.add_argument("--num-actors", type=int, default=1,
+                        help="fixed actor-pool size (one per GPU, or a CPU share)")
+    parser.add_argument("--min-actors", type=int, default=None,
+                        help="autoscaling actor pool: at least this many backbone actors")
+    parser.add_argument("--max-actors", type=int, default=None,
+                        help="autoscaling actor pool: at most this many (e.g. the cluster's GPUs)")
+    parser.add_argument("--use-gpu", action="store_true", default=None,
+                        help="run the backbone actors on GPUs (default: when the cluster has one)")
+    parser.add_argument("--num-gpus-per-actor", type=float, default=1.0,
+                        help="GPUs reserved per backbone actor (a fraction packs several on one GPU)")
     parser.add_argument("--actor-cpus", type=float, default=None,
                         help="logical Ray CPUs reserved per actor (default 1)")
     parser.add_argument("--threads", type=int, default=None,
@@ -392,7 +430,9 @@ def main(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels)
     m = featurize(args.data, args.out, BackboneConfig(**fields), data_cfg,
                   batch_size=args.batch_size, num_actors=args.num_actors,
-                  actor_cpus=args.actor_cpus, threads=args.threads, fp16=not args.no_fp16)
+                  actor_cpus=args.actor_cpus, threads=args.threads, fp16=not args.no_fp16,
+                  use_gpu=args.use_gpu, num_gpus_per_actor=args.num_gpus_per_actor,
+                  min_actors=args.min_actors, max_actors=args.max_actors)
     summary = {k: m[k] for k in ("n_samples", "text_dim", "image_dim", "skips", "shards_total")}
     summary["shards_done"] = len(m["shards_done"])
     summary["last_run"] = m.get("last_run")

@@ -258,7 +258,8 @@ class Interrupted(RuntimeError):
 
 def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: Any = None, *,
               num_actors: int = 1, batch_size: int = 64, use_gpu: bool | None = None,
-              threads: int | None = None, sides: tuple[str, ...] = SIDES, progress: bool = True,
+              num_gpus_per_actor: float = 1.0, threads: int | None = None,
+              sides: tuple[str, ...] = SIDES, progress: bool = True,
               interrupt_after: int | None = None) -> dict:
     """Run the index job; returns a summary (version, counts, shards built/reused, skips, timings).
 
@@ -289,6 +290,11 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: An
     dense_dim = int(model.heads.text_proj.linear.out_features)
     fusion = fusion_params(model.config, model.tau)
     features = is_feature_dir(corpus)
+    if features:
+        from sdray.backbones.compat import check_feature_uri
+
+        if not check_feature_uri(corpus, model.config.backbone, f"the model's config ({model_uri})"):
+            log(f"warning: {corpus} has no featurize manifest; its backbone cannot be checked")
     log(f"corpus {corpus}: {'feature' if features else 'raw image-text'} shards; model {model_uri}")
 
     ensure_ray()
@@ -391,7 +397,7 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int = 1, config: An
                                                  "threads": None if use_gpu else threads},
                           batch_size=batch_size, batch_format="numpy",
                           compute=ray.data.ActorPoolStrategy(size=num_actors),
-                          num_gpus=1 if use_gpu else 0, num_cpus=1)
+                          num_gpus=num_gpus_per_actor if use_gpu else 0, num_cpus=1)
         if features:
             plan = {}
             for d in need["images"]:
@@ -484,7 +490,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per actor / build task")
     parser.add_argument("--use-gpu", action="store_true", default=None,
-                        help="encode on GPU (default: when the cluster has one)")
+                        help="encode on GPU (default: when the cluster has one); IVF indexes are "
+                             "trained on a GPU wherever faiss has GPU support and sees one")
+    parser.add_argument("--num-gpus-per-actor", type=float, default=1.0,
+                        help="GPUs reserved per encoder actor (a fraction packs several on one GPU)")
+    parser.add_argument("--dense-index", choices=["auto", "flat", "ivf", "hnsw"], default=None,
+                        help="FAISS index kind (default: the config's, auto = flat for small "
+                             "shards, IVF from dense.ivf_min_docs documents per shard)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
 
 
@@ -504,8 +516,11 @@ def load_config(path: str | None, sets: list[str] | None = None):
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, getattr(args, "set", []))
+    if args.dense_index:
+        cfg.dense.kind = args.dense_index
     summary = run_index(args.model, args.corpus, args.out, args.shards, cfg,
                         num_actors=args.num_actors, batch_size=args.batch_size, use_gpu=args.use_gpu,
+                        num_gpus_per_actor=args.num_gpus_per_actor,
                         threads=args.threads, sides=tuple(s.strip() for s in args.sides.split(",")))
     print(f"index {summary['out']} version {summary['version']}: {summary['counts']['images'] if 'images' in summary['counts'] else 0} "
           f"images, {summary['counts'].get('captions', 0)} captions in {summary['shards']} shards "

@@ -51,39 +51,50 @@ def _to_numpy_rows(batch: dict, key: str) -> np.ndarray:
 
 
 class _BatchMaker:
-    """Numpy batches from Ray Data -> :class:`FeatureBatch` (running the backbone in raw mode)."""
+    """Numpy batches from Ray Data -> :class:`FeatureBatch` (running the backbone in raw mode).
+
+    Raw mode: uint8 pixels and token ids go to the device once; the frozen backbone runs there
+    (fp16 autocast on CUDA when ``optim.amp``) and its features stay there for the step.
+    """
 
     def __init__(self, mode: str, cfg, device):
         self.mode, self.cfg, self.device = mode, cfg, device
         self.backbone = None
         if mode == "raw":
-            import torch
-
             from sdray.backbones import load_backbone
 
             self.backbone = load_backbone(cfg.backbone, proj_dim=cfg.heads.dense_dim).to(device).eval()
             self.backbone.requires_grad_(False)
-            self._torch = torch
+
+    def _device_features(self, batch: dict):
+        """Raw mode: ``(text (B, Ht), image (B, Hi), ids (B, L), mask (B, L))`` on the device."""
+        import torch
+
+        ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long).to(self.device, non_blocking=True)
+        mask = torch.as_tensor(np.asarray(batch["attention_mask"]), dtype=torch.long).to(self.device, non_blocking=True)
+        pix = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).to(self.device, non_blocking=True)
+        amp = bool(self.cfg.optim.amp)
+        with torch.no_grad():
+            return (self.backbone.token_features(ids, mask, amp), self.backbone.pixel_features(pix, amp),
+                    ids, mask)
 
     def features(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
         if self.mode == "features":
             return _to_numpy_rows(batch, "text_features"), _to_numpy_rows(batch, "image_features")
-        torch = self._torch
-        with torch.no_grad():
-            ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long, device=self.device)
-            mask = torch.as_tensor(np.asarray(batch["attention_mask"]), dtype=torch.long, device=self.device)
-            pix = torch.as_tensor(np.asarray(batch["pixels"]), dtype=torch.float32, device=self.device)
-            tf = self.backbone.text_features(ids, mask).float().cpu().numpy()
-            imf = self.backbone.image_features(pix).float().cpu().numpy()
-        return tf, imf
+        tf, imf, _, _ = self._device_features(batch)
+        return tf.cpu().numpy(), imf.cpu().numpy()
 
     def __call__(self, batch: dict):
-        from sdray.training import FeatureBatch
+        from sdray.losses.targets import ids_to_tensor
+        from sdray.training import FeatureBatch, _py
 
-        tf, imf = self.features(batch)
-        mask = batch.get("attention_mask") if self.mode == "raw" else None
-        return FeatureBatch.from_arrays(tf, imf, list(batch["image_id"]), [str(c) for c in batch["caption"]],
-                                        batch.get("input_ids"), mask)
+        image_ids, captions = list(batch["image_id"]), [str(c) for c in batch["caption"]]
+        if self.mode == "features":
+            tf, imf = self.features(batch)
+            return FeatureBatch.from_arrays(tf, imf, image_ids, captions, batch.get("input_ids"))
+        tf, imf, ids, mask = self._device_features(batch)
+        return FeatureBatch(tf, imf, ids_to_tensor([_py(x) for x in image_ids]),
+                            ids_to_tensor(captions), ids, mask)
 
     def columns(self, batch: dict) -> dict[str, Any]:
         tf, imf = self.features(batch)
@@ -147,6 +158,7 @@ def train_loop(config: dict) -> None:
     cfg = config_lib.loads(config["config_yaml"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    dist_state = {"backend": dist.get_backend() if dist.is_initialized() else None, "world_size": world}
     torch.manual_seed(cfg.optim.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if config["use_gpu"] else torch.device("cpu")
     if config.get("threads"):
@@ -183,7 +195,7 @@ def train_loop(config: dict) -> None:
         loop_state = {"epoch": epoch, "batches_done": batches_done, "history": history,
                       "selector": selector.to_json(), "finished": finished,
                       "stopped_early": loop.get("stopped_early", False),
-                      "resumed_from": loop.get("resumed_from", [])}
+                      "resumed_from": loop.get("resumed_from", []), "dist": dist_state}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -369,7 +381,9 @@ def _dataset(uri: str, mode: str, cfg, seed: int):
         return ds.randomize_block_order(seed=seed) if cfg.data.shuffle_files else ds
     from sdray.backbones import load_preprocessor
 
-    return read_image_text(uri, cfg.data, load_preprocessor(cfg.backbone), seed=seed)
+    # uint8 pixels through the object store; the workers normalise them on their device
+    return read_image_text(uri, cfg.data, load_preprocessor(cfg.backbone).for_device_normalization(),
+                           seed=seed)
 
 
 def _count_rows(uri: str, mode: str, cfg) -> int:
@@ -413,6 +427,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.datasets import ensure_ray
+    from sdray.backbones.compat import check_feature_uri
     from sdray.training import heads_state
 
     cfg = resolve_config(args)
@@ -431,6 +446,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if val_mode == "raw" and mode == "features":
         raise ValueError("a raw --val needs a raw --train (the workers then hold the backbone); "
                          "featurize the val split too")
+    for uri, kind in ((args.train, mode), (args.val, val_mode)):
+        if kind == "features" and not check_feature_uri(uri, cfg.backbone, "the training config"):
+            print(f"[sdray train] warning: {uri} has no featurize manifest; its backbone and "
+                  "preprocessing cannot be checked", file=sys.stderr)
     ensure_ray(num_cpus=args.num_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -521,6 +540,7 @@ def finalize(out: str, cfg, checkpoint, seconds: float) -> dict[str, Any]:
         "steps": max((r["step"] for r in history), default=0),
         "resumed_from": loop.get("resumed_from", []),
         "seconds": seconds, "val": kept.get("result") if kept else None,
+        "dist": loop.get("dist"),
     }
     if kept_from == "last" and budget is not None and vals:
         print(f"[sdray train] warning: no epoch met the nnz budget {budget}; kept the last "

@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import torch
 
+from sdray.devices import to_host, to_module_device
 from sdray.fusion import fuse
 from sdray.heads import RetrieverHeads, prune_topk
 from sdray.metrics import flops, mean_nnz, ranking_metrics, relevance_from_pairs, retrieval_metrics
@@ -57,16 +58,18 @@ def encode(heads: RetrieverHeads, features: np.ndarray | torch.Tensor, modality:
            chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dense (n, D), sparse CSR (n, V))`` for pre-projection features of one modality.
 
-    The heads are used in eval mode (top-k pruning from the config applies)."""
+    The heads are used in eval mode (top-k pruning from the config applies). Each chunk of
+    features is moved to the heads' device (CUDA when ``Trainer`` put them there) and its outputs
+    come back to the host, where the metrics are computed."""
     was_training = heads.training
     heads.eval()
     dense_parts, sparse_parts = [], []
     feats = torch.as_tensor(np.asarray(features, dtype=np.float32))
     enc = heads.encode_text if modality == "text" else heads.encode_image
     for a in range(0, feats.shape[0], chunk):
-        out = enc(feats[a : a + chunk])
-        dense_parts.append(out.dense.float())
-        sparse_parts.append(out.sparse.float().to_sparse_csr())
+        out = enc(to_module_device(feats[a : a + chunk], heads))
+        dense_parts.append(to_host(out.dense.float()))
+        sparse_parts.append(to_host(out.sparse.float()).to_sparse_csr())
     heads.train(was_training)
     if not dense_parts:
         v = heads.sparse.vocab_size
@@ -172,6 +175,11 @@ def evaluate_encoded(img_dense: torch.Tensor, img_sparse: torch.Tensor, txt_dens
     return result
 
 
+def head_tau(heads: RetrieverHeads) -> float:
+    """The heads' temperature τ as a Python float (read back from the heads' device)."""
+    return float(to_host(heads.tau.detach()))
+
+
 def evaluate_features(heads: RetrieverHeads, data: dict[str, Any], cfg,
                       extra_fusions: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Evaluate ``heads`` on a split's feature columns.
@@ -189,7 +197,7 @@ def evaluate_features(heads: RetrieverHeads, data: dict[str, Any], cfg,
     txt_dense, txt_sparse = encode(heads, tf, "text")
     img_dense, img_sparse = encode(heads, imf, "image")
     relevant = relevance_from_pairs(pairs, len(image_rows), len(text_rows))
-    tau = float(heads.tau.detach())
+    tau = head_tau(heads)
     result = evaluate_encoded(img_dense, img_sparse, txt_dense, txt_sparse, relevant,
                               fusion_params(cfg, tau), extra_fusions)
     result["tau"] = tau
@@ -211,7 +219,7 @@ def evaluate_and_calibrate(heads: RetrieverHeads, data: dict[str, Any], cfg) -> 
     f = cfg.fusion
     if not (f.calibrate and f.method == "calibrated" and cfg.loss.method != "dense" and f.w2_grid):
         return evaluate_features(heads, data, cfg), cfg
-    tau = float(heads.tau.detach())
+    tau = head_tau(heads)
     grid = {f"w2={w2:g}": {"method": "calibrated", "w1": 1.0, "w2": float(w2), "tau": tau,
                            **({"normalize": f.normalize} if f.normalize else {})} for w2 in f.w2_grid}
     result = evaluate_features(heads, data, cfg, grid)

@@ -39,6 +39,7 @@ from sdray import config as config_lib
 from sdray import storage
 from sdray.backbones import Backbone, load_backbone, load_preprocessor
 from sdray.config import SdrayConfig
+from sdray.devices import module_device, to_module_device
 from sdray.heads import Encoded, RetrieverHeads
 from sdray.progress import Progress
 
@@ -157,13 +158,21 @@ class RetrievalModel:
 
     @property
     def tau(self) -> float:
-        return float(self.heads.tau.detach())
+        return float(self.heads.tau.detach().cpu())
 
     @property
     def backbone(self) -> Backbone:
-        if self._backbone is None:
+        if self._backbone is None:  # loaded on first use, beside the heads
             self._backbone = load_backbone(self.config.backbone, proj_dim=self.config.heads.dense_dim)
+            self._backbone.to(module_device(self.heads))
         return self._backbone
+
+    def to(self, device: str | torch.device) -> "RetrievalModel":
+        """Put the heads (and the backbone, if loaded) on ``device``; returns ``self``."""
+        self.heads.to(device)
+        if self._backbone is not None:
+            self._backbone.to(device)
+        return self
 
     @property
     def preprocessor(self):
@@ -177,13 +186,13 @@ class RetrievalModel:
 
     @torch.no_grad()
     def encode_text_features(self, features: torch.Tensor) -> Encoded:
-        """(B, text_dim) -> Encoded (dense (B, D), sparse (B, V))."""
-        return self.heads.encode_text(torch.as_tensor(features, dtype=torch.float32))
+        """(B, text_dim) -> Encoded (dense (B, D), sparse (B, V)) on the heads' device."""
+        return self.heads.encode_text(to_module_device(features, self.heads, torch.float32))
 
     @torch.no_grad()
     def encode_image_features(self, features: torch.Tensor) -> Encoded:
-        """(B, image_dim) -> Encoded (dense (B, D), sparse (B, V))."""
-        return self.heads.encode_image(torch.as_tensor(features, dtype=torch.float32))
+        """(B, image_dim) -> Encoded (dense (B, D), sparse (B, V)) on the heads' device."""
+        return self.heads.encode_image(to_module_device(features, self.heads, torch.float32))
 
     def _device(self, device: str | torch.device | None) -> torch.device:
         dev = torch.device(device) if device is not None else next(self.heads.parameters()).device
@@ -226,8 +235,8 @@ class RetrievalModel:
         def features(batch, dev):
             enc = self.preprocessor.texts(list(batch))
             backbone = self.backbone.to(dev)
-            feats = backbone.text_features(torch.from_numpy(enc["input_ids"]).to(dev),
-                                           torch.from_numpy(enc["attention_mask"]).to(dev))
+            feats = backbone.token_features(to_module_device(enc["input_ids"], backbone),
+                                            to_module_device(enc["attention_mask"], backbone))
             return self.heads.encode_text(feats.float())
 
         return self._encode(texts, batch_size, device, show_progress, "encode texts", features)
@@ -250,8 +259,10 @@ class RetrievalModel:
         images = [images] if single else list(images)
 
         def features(batch, dev):
-            pixels = torch.from_numpy(self.preprocessor.images([open_image(x) for x in batch])).to(dev)
-            return self.heads.encode_image(self.backbone.to(dev).image_features(pixels).float())
+            backbone = self.backbone.to(dev)
+            pixels = to_module_device(self.preprocessor.pixels_uint8([open_image(x) for x in batch]),
+                                      backbone)
+            return self.heads.encode_image(backbone.pixel_features(pixels).float())
 
         return self._encode(images, batch_size, device, show_progress, "encode images", features)
 

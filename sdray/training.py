@@ -488,8 +488,12 @@ class Trainer:
         self.scaler.update()
         self.heads.clamp_tau_()
         self.step += 1
-        out = {k: float(v) for k, v in logs.items()}
-        out.update(lr=lr, grad_norm=float(grad_norm), step=self.step)
+        # one device-to-host copy for every logged scalar (a sync per float() on CUDA otherwise)
+        keys = [*logs, "grad_norm"]
+        values = torch.stack([t.detach().float().reshape(()).to(self.device)
+                              for t in [*logs.values(), grad_norm]]).cpu().tolist()
+        out = dict(zip(keys, values))
+        out.update(lr=lr, step=self.step)
         if len(self.group_base_lrs) > 1:
             out["lr_sparse"] = self.group_base_lrs[1] * factor
         if self.expansion is not None:
@@ -703,7 +707,8 @@ def iterate_batches(data: dict[str, Any], batch_size: int, seed: int, drop_last:
 
 
 def fit_in_process(cfg: SdrayConfig, heads: RetrieverHeads, train: dict[str, Any],
-                   val: dict[str, Any] | None = None, log=None) -> tuple[RetrieverHeads, list[dict]]:
+                   val: dict[str, Any] | None = None, log=None,
+                   device: str | torch.device = "cpu") -> tuple[RetrieverHeads, list[dict]]:
     """Train ``heads`` on in-memory features (one process), validating each epoch.
 
     Returns the best heads (by :class:`Selector`; the last if no epoch met the budget) and the
@@ -715,7 +720,7 @@ def fit_in_process(cfg: SdrayConfig, heads: RetrieverHeads, train: dict[str, Any
     n = len(train["text_features"])
     bs = min(cfg.optim.batch_size, n)
     per_epoch = n // bs
-    trainer = Trainer(cfg, heads, per_epoch * cfg.optim.epochs)
+    trainer = Trainer(cfg, heads, per_epoch * cfg.optim.epochs, device)
     metric, budget = selection_metric(cfg)
     sel = Selector(metric, budget, cfg.selection.patience)
     best_state, history = None, []

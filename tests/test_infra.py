@@ -142,19 +142,44 @@ def test_train_gpu_workers_fit_the_trainer():
         f"the worker groups can reach {max_gpus}")
 
 
-def test_featurize_has_gpus_when_it_starts():
-    """featurize picks GPU or CPU from the cluster's resources when it starts (no autoscaling
-    from zero), so the GPU group must already be up, with one GPU per actor."""
-    import inspect
-
-    from pipelines import featurize
-
-    assert "ray.cluster_resources().get(\"GPU\"" in inspect.getsource(featurize.featurize)
+def test_featurize_actor_pool_fits_the_gpu_group():
+    """The featurize job asks for GPUs explicitly; its autoscaling actor pool starts on the GPUs
+    the group has at start and grows no further than the group can (one GPU per actor)."""
     doc = load(RAYJOBS["featurize"])
     _, ns = parse_entrypoint(entrypoint_argv(doc))
-    min_gpus = sum(gpus_of(g) * g.get("minReplicas", 0) for n, g in pod_groups(doc) if n != "head")
-    assert min_gpus >= 1
-    assert ns.num_actors <= min_gpus, f"--num-actors {ns.num_actors} > {min_gpus} GPUs at start"
+    assert ns.use_gpu
+    workers = [g for n, g in pod_groups(doc) if n != "head"]
+    min_gpus = sum(gpus_of(g) * g.get("minReplicas", 0) for g in workers)
+    max_gpus = sum(gpus_of(g) * g.get("maxReplicas", g.get("replicas", 0)) for g in workers)
+    assert 1 <= ns.min_actors <= ns.max_actors
+    assert ns.min_actors * ns.num_gpus_per_actor <= min_gpus, "--min-actors need GPUs at start"
+    assert ns.max_actors * ns.num_gpus_per_actor <= max_gpus, "--max-actors exceed the GPU group"
+
+
+def test_featurize_train_and_index_agree_on_features():
+    """Features made by the featurize job are the ones train and index read, made with the
+    backbone and preprocessing of the train preset (else sdray train/index refuse them)."""
+    from pipelines.featurize import main as _  # noqa: F401 - the module the CLI runs
+    from pipelines.train import resolve_config
+    from sdray.backbones.compat import check_features, feature_signature
+    from sdray.config import BackboneConfig
+
+    _, feat = parse_entrypoint(entrypoint_argv(load(RAYJOBS["featurize"])))
+    _, train = parse_entrypoint(entrypoint_argv(load(RAYJOBS["train"])))
+    _, index = parse_entrypoint(entrypoint_argv(load(RAYJOBS["index"])))
+    fields = {"name": feat.backbone, "path": feat.backbone_path}
+    if feat.image_size:
+        fields["image_size"] = feat.image_size
+    if feat.max_text_length:
+        fields["max_text_length"] = feat.max_text_length
+    made = feature_signature(BackboneConfig(**fields))
+    cfg = resolve_config(train)
+    check_features({"preprocessing": made}, cfg.backbone, feat.out, "the train job's config")
+    assert made["path"] == cfg.backbone.path
+    root = feat.out.rsplit("/", 1)[0]
+    for uri in (train.train, train.val, index.corpus):
+        assert uri.rsplit("/", 1)[0] == root, f"{uri} is not a split of the featurize output {root}"
+    assert index.model == train.out
 
 
 def test_train_config_preset_exists():

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from sdray.devices import backbone_autocast
+
 
 class Preprocessor:
     """Tokenises captions and resizes + normalises images the way a backbone's weights expect.
@@ -45,6 +47,7 @@ class Preprocessor:
         self.rescale = float(rescale)
         self.resample = int(resample)
         self.center_crop = center_crop
+        self.normalize_on_device = False
         self._vocabulary: list[str] | None = None
 
     def _resize(self, image: Image.Image) -> Image.Image:
@@ -59,13 +62,43 @@ class Preprocessor:
         left, top = (w - size) // 2, (h - size) // 2
         return image.crop((left, top, left + size, top + size))
 
-    def images(self, images: list[Image.Image]) -> np.ndarray:
-        """PIL images -> float32 array (B, 3, S, S), normalised for the backbone's weights."""
-        out = np.empty((len(images), 3, self.image_size, self.image_size), np.float32)
+    def pixels_uint8(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images -> resized uint8 array (B, 3, S, S), not yet normalised.
+
+        This is what crosses the object store and the host-to-device link (a quarter of the
+        float32 bytes); :meth:`Backbone.normalize` finishes the job on the model's device.
+        """
+        out = np.empty((len(images), 3, self.image_size, self.image_size), np.uint8)
         for i, image in enumerate(images):
-            pixels = np.asarray(self._resize(image), np.float32).transpose(2, 0, 1)
-            out[i] = (pixels * self.rescale - self.mean) / self.std
+            out[i] = np.asarray(self._resize(image), np.uint8).transpose(2, 0, 1)
         return out
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float) pixels (B, 3, S, S) in [0, 255] -> float32 ``(p·rescale − mean) / std``,
+        computed on ``pixels``' device."""
+        mean = torch.as_tensor(self.mean, device=pixels.device)
+        std = torch.as_tensor(self.std, device=pixels.device)
+        return (pixels.to(torch.float32) * self.rescale - mean) / std
+
+    def images(self, images: list[Image.Image]) -> np.ndarray:
+        """PIL images -> float32 array (B, 3, S, S), normalised for the backbone's weights
+        (:meth:`pixels_uint8` then :meth:`normalize`, on the CPU)."""
+        return self.normalize(torch.from_numpy(self.pixels_uint8(images))).numpy()
+
+    def model_pixels(self, images: list[Image.Image]) -> np.ndarray:
+        """What the decode stage ships to the model: uint8 (B, 3, S, S) when
+        ``normalize_on_device`` (the consumer calls :meth:`Backbone.pixel_features`), else the
+        normalised float32 of :meth:`images`."""
+        if not images:
+            dtype = np.uint8 if self.normalize_on_device else np.float32
+            return np.zeros((0, 3, self.image_size, self.image_size), dtype)
+        return self.pixels_uint8(images) if self.normalize_on_device else self.images(images)
+
+    def for_device_normalization(self) -> "Preprocessor":
+        """A copy whose decode output is uint8 pixels (normalised later, on the model's device)."""
+        other = copy.copy(self)
+        other.normalize_on_device = True
+        return other
 
     def texts(self, captions: list[str]) -> dict[str, np.ndarray]:
         """Captions -> ``input_ids`` and ``attention_mask``, int64 (B, max_text_length)."""
@@ -128,6 +161,28 @@ class Backbone(nn.Module):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """float (B, 3, S, S) normalised pixels -> float (B, image_dim) pre-projection features."""
         raise NotImplementedError
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (B, 3, S, S) -> the normalised float input of :meth:`image_features`, on
+        ``pixels``' device (the preprocessor's constants; e.g. ``(p − 127) / 128`` for the
+        packaged EfficientNet-Lite0)."""
+        return self.preprocessor.normalize(pixels)
+
+    def pixel_features(self, pixels: torch.Tensor, fp16: bool = True) -> torch.Tensor:
+        """Pixels (B, 3, S, S) on the backbone's device -> float32 (B, image_dim) features.
+
+        uint8 pixels (:meth:`Preprocessor.pixels_uint8`) are normalised there first; float pixels
+        are taken as already normalised. The image tower runs under fp16 autocast on CUDA
+        (``fp16``)."""
+        x = self.normalize(pixels) if pixels.dtype == torch.uint8 else pixels.float()
+        with backbone_autocast(pixels.device, fp16):
+            return self.image_features(x).float()
+
+    def token_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       fp16: bool = True) -> torch.Tensor:
+        """:meth:`text_features` under fp16 autocast on CUDA, as float32 (B, text_dim)."""
+        with backbone_autocast(input_ids.device, fp16):
+            return self.text_features(input_ids, attention_mask).float()
 
     def _word_embedding(self) -> nn.Embedding:
         raise NotImplementedError

@@ -77,7 +77,7 @@ def decode_batch(batch: dict[str, Any], preprocessor: Any | None, counts: SkipCo
                  dropped: list | None = None) -> dict[str, Any]:
     """Raw sample columns (``sample_id``, ``image_id``, ``caption``, ``image`` bytes) -> model inputs.
 
-    With a preprocessor: ``pixels`` float32 (B,3,S,S), ``input_ids``/``attention_mask`` int64
+    With a preprocessor: ``pixels`` float32 (B,3,S,S) (uint8 if its ``normalize_on_device``), ``input_ids``/``attention_mask`` int64
     (B,L). Without one: ``pixels`` in [0,1] at ``image_size`` (if given) and no tokens.
     Undecodable/truncated/oversized images are dropped and counted; the other columns
     (``key``, ``url``, ``shard`` too, when present) are kept for the rows that remain.
@@ -101,8 +101,11 @@ def decode_batch(batch: dict[str, Any], preprocessor: Any | None, counts: SkipCo
     }
     captions = [str(c) for c in out.get("caption", [])]
     if preprocessor is not None:
-        out["pixels"] = np.asarray(preprocessor.images(images), np.float32) if images else (
-            np.zeros((0, 3, size or 1, size or 1), np.float32))
+        if getattr(preprocessor, "normalize_on_device", False):
+            out["pixels"] = preprocessor.model_pixels(images)  # uint8: normalised on the model's device
+        else:
+            out["pixels"] = np.asarray(preprocessor.images(images), np.float32) if images else (
+                np.zeros((0, 3, size or 1, size or 1), np.float32))
         if captions:
             tok = preprocessor.texts(captions)
             out["input_ids"] = np.asarray(tok["input_ids"], np.int64)

@@ -11,6 +11,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+#: documents per shard from which ``auto`` builds IVF instead of flat (benchmarks/dense_kind.py)
+IVF_MIN_DOCS = 20_000
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -18,7 +22,15 @@ class _Strict(BaseModel):
 class DenseIndexConfig(_Strict):
     """FAISS inner-product index over L2-normalised vectors (cosine)."""
 
-    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="auto: flat below ivf_min_docs documents per shard, ivf from there.")
+    ivf_min_docs: int = Field(
+        IVF_MIN_DOCS, ge=1,
+        description="auto switches to IVF at this many documents per shard (measured: "
+        "benchmarks/dense_kind.py, docs/guide.md).")
+    gpu: bool = Field(
+        True, description="Train and fill IVF indexes on a GPU when faiss has GPU support and one "
+        "is visible (a no-op otherwise).")
     nlist: int = Field(1024, ge=1, description="IVF lists (capped at n_docs/39 per shard).")
     nprobe: int = Field(32, ge=1, description="IVF lists probed per query.")
     M: int = Field(32, ge=2, le=256, description="HNSW neighbours per node.")

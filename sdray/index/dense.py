@@ -1,9 +1,16 @@
 """Dense shard index: FAISS inner product over L2-normalised vectors (cosine).
 
-``flat`` (exact, the default), ``ivf`` (IndexIVFFlat, ``nlist``/``nprobe``) or ``hnsw``
-(IndexHNSWFlat, ``M``/``ef_construction``/``ef_search``). All three keep the full float32 vectors,
-so :meth:`DenseIndex.vectors` reconstructs any document exactly for hybrid rescoring and no
-second copy is stored. Saved with ``faiss.serialize_index`` (no pickle).
+``flat`` (exact), ``ivf`` (IndexIVFFlat, ``nlist``/``nprobe``), ``hnsw`` (IndexHNSWFlat,
+``M``/``ef_construction``/``ef_search``) or ``auto`` (the default: flat below
+``DenseIndexConfig.ivf_min_docs`` documents per shard, IVF from there; the threshold was measured
+with ``benchmarks/dense_kind.py``, see docs/guide.md). All keep the full float32 vectors, so
+:meth:`DenseIndex.vectors` reconstructs any document exactly for hybrid rescoring and no second
+copy is stored. Saved with ``faiss.serialize_index`` (no pickle).
+
+GPU: with a faiss build that has GPU support (the ``faiss-gpu-cu12`` wheel, ``pip install
+sdray[gpu]``) and a visible GPU, IVF k-means training and adding run on the GPU
+(``DenseIndexConfig.gpu``), and :func:`to_gpu` gives an index whose searches run there; without
+either, everything stays on the CPU unchanged. Saved indexes are always CPU indexes.
 """
 
 from __future__ import annotations
@@ -25,13 +32,87 @@ def _as_f32(x) -> np.ndarray:
     return x
 
 
-class DenseIndex:
-    """A FAISS index over one shard's dense vectors; ids are row numbers ``0..n-1``."""
+def gpu_available() -> bool:
+    """True when this faiss build has GPU support and at least one GPU is visible."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
-    def __init__(self, index: faiss.Index, config: DenseIndexConfig | None = None):
+
+_GPU_RESOURCES: list = []
+
+
+def _gpu_resources():
+    """One ``StandardGpuResources`` per process (scratch memory and streams; costly to create)."""
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return _GPU_RESOURCES[0]
+
+
+def _gpu_clonable(index: faiss.Index) -> bool:
+    """faiss clones flat and IVF indexes to GPU; HNSW has no GPU counterpart."""
+    return not isinstance(index, faiss.IndexHNSW)
+
+
+def to_gpu(index, device: int = 0):
+    """``index`` (a :class:`DenseIndex` or a ``faiss.Index``) with its searches on GPU ``device``.
+
+    Returns the index unchanged when faiss has no GPU support, no GPU is visible, or the index
+    kind has no GPU version (HNSW). A :class:`DenseIndex` keeps its CPU index for
+    :meth:`DenseIndex.vectors` and serialisation and searches the GPU copy.
+    """
+    if isinstance(index, DenseIndex):
+        if not gpu_available() or not _gpu_clonable(index.index) or len(index) == 0:
+            return index
+        return DenseIndex(index.index, index.config, search_index=to_gpu(index.index, device))
+    if not gpu_available() or not _gpu_clonable(index):
+        return index
+    return faiss.index_cpu_to_gpu(_gpu_resources(), device, index)
+
+
+def resolve_kind(config: DenseIndexConfig, n: int) -> str:
+    """The index kind for ``n`` documents: ``config.kind``, with ``auto`` -> flat or ivf."""
+    if config.kind != "auto":
+        return config.kind
+    return "ivf" if n >= config.ivf_min_docs else "flat"
+
+
+def _train_and_add(index: faiss.Index, x: np.ndarray, use_gpu: bool) -> faiss.Index:
+    """Train (if needed) and fill ``index`` with ``x``; on a GPU when ``use_gpu`` and one is
+    there (IVF k-means is where the GPU pays), returning a CPU index either way."""
+    if use_gpu and gpu_available() and _gpu_clonable(index) and not index.is_trained:
+        gpu = to_gpu(index)
+        gpu.train(x)
+        gpu.add(x)
+        return faiss.index_gpu_to_cpu(gpu)
+    if not index.is_trained:
+        index.train(x)
+    index.add(x)
+    return index
+
+
+class DenseIndex:
+    """A FAISS index over one shard's dense vectors; ids are row numbers ``0..n-1``.
+
+    ``search_index``: where searches run (a GPU copy from :func:`to_gpu`); default ``index``.
+    """
+
+    def __init__(self, index: faiss.Index, config: DenseIndexConfig | None = None,
+                 search_index: faiss.Index | None = None):
         self.index = index
         self.config = config or DenseIndexConfig()
+        self._search_index = index if search_index is None else search_index
         self._apply_search_params()
+
+    @property
+    def kind(self) -> str:
+        """``flat``, ``ivf`` or ``hnsw``: what was built (``auto`` resolved)."""
+        if isinstance(self.index, faiss.IndexHNSW):
+            return "hnsw"
+        return "flat" if isinstance(self.index, faiss.IndexFlat) else "ivf"
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether searches run on a GPU copy of the index."""
+        return self._search_index is not self.index
 
     def _apply_search_params(self) -> None:
         ivf = faiss.try_extract_index_ivf(self.index) if not isinstance(self.index, faiss.IndexFlat) else None
@@ -39,28 +120,30 @@ class DenseIndex:
             ivf.nprobe = min(self.config.nprobe, ivf.nlist)
             if ivf.direct_map.type == faiss.DirectMap.NoMap:
                 ivf.make_direct_map()
+            if self.on_gpu and hasattr(self._search_index, "nprobe"):
+                self._search_index.nprobe = ivf.nprobe
         if isinstance(self.index, faiss.IndexHNSW):
             self.index.hnsw.efSearch = self.config.ef_search
 
     @classmethod
     def build(cls, vectors, config: DenseIndexConfig | None = None) -> "DenseIndex":
-        """Build over ``vectors (n, D)`` float32 (expected L2-normalised)."""
+        """Build over ``vectors (n, D)`` float32 (expected L2-normalised); IVF is trained on a
+        GPU when ``config.gpu`` and one is available (see the module notes)."""
         config = config or DenseIndexConfig()
         x = _as_f32(vectors)
         n, d = x.shape
-        if config.kind == "flat":
+        kind = resolve_kind(config, n)
+        if kind == "flat":
             index = faiss.IndexFlatIP(d)
-        elif config.kind == "hnsw":
+        elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(d, config.M, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = config.ef_construction
         else:
             nlist = max(1, min(config.nlist, n // 39))
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            if n:
-                index.train(x)
         if n:
-            index.add(x)
+            index = _train_and_add(index, x, config.gpu)
         return cls(index, config)
 
     @property
@@ -77,7 +160,7 @@ class DenseIndex:
             raise ValueError(f"dense queries have dimension {q.shape[1]}, index has {self.dim}")
         if len(self) == 0 or k <= 0:
             return np.full((len(q), k), PAD_SCORE, np.float32), np.full((len(q), k), PAD_ID, np.int64)
-        s, i = self.index.search(q, k)
+        s, i = self._search_index.search(q, k)
         s = s.astype(np.float32)
         s[i < 0] = PAD_SCORE
         return s, i.astype(np.int64)

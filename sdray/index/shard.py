@@ -197,7 +197,7 @@ class Shard:
             "dense_dim": self.dense.dim,
             "vocab_size": self.docs.dim,
             "nnz": self.docs.nnz,
-            "dense_kind": self.config.dense.kind,
+            "dense_kind": self.dense.kind,  # what was built ("auto" resolved)
             "sparse_kind": "exact" if self.exact_sparse else "seismic",
             "files": {},
         }
