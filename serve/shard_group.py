@@ -252,7 +252,7 @@ class ShardGroup:
         if self.faiss_gpu:
             from sdray.index.dense import to_gpu
 
-            shard.dense.index = to_gpu(shard.dense.index)
+            shard.dense = to_gpu(shard.dense)
         return shard
 
     def _evict(self, room_for: int) -> None:

@@ -60,7 +60,7 @@ def test_sdray_train_refuses_mismatched_features(tmp_path, capsys):
     feat = _feature_dir(tmp_path / "feat", BackboneConfig(image_size=96))
     code = cli.main(["train", "--train", str(feat / "train"), "--out", str(tmp_path / "model")])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == cli.EXIT_CONFIG
     assert "image_size 96 in the features vs 224 in the training config" in err
 
 
@@ -75,5 +75,5 @@ def test_sdray_index_refuses_features_of_another_backbone(tmp_path, capsys):
     code = cli.main(["index", "--model", str(tmp_path / "model"), "--corpus", str(feat),
                      "--out", str(tmp_path / "index")])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == cli.EXIT_CONFIG
     assert "max_text_length 16 in the features vs 32 in the model's config" in err

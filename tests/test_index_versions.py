@@ -10,7 +10,7 @@ from sdray import storage
 from sdray.index import IndexConfig, Retriever, ShardData, build_index
 from sdray.index import manifest as mf
 from sdray.index import versions as ver
-from serve.searcher import current_version as serve_current_version
+from serve.shard_group import current_version as serve_current_version
 
 VERSIONS = [f"v2026010{d}T000000Z-00000{d}" for d in range(1, 5)]
 

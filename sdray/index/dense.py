@@ -198,9 +198,3 @@ class DenseIndex:
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
         return cls(faiss.read_index(path, flags), config)
 
-
-def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
-    """``index`` copied to GPU ``device`` when faiss has GPU support and a GPU is visible, else itself."""
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-        return index
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device, index)
