@@ -5,8 +5,9 @@ The Ray job around the pure index library (:mod:`sdray.index`):
 
 1. **size** — the shard count ``N`` is ``--shards``, else ``ceil(samples / max_docs_per_shard)``
    with the sample count from Parquet footers or the featurize manifest, or estimated from a few
-   tar shards (:mod:`pipelines.corpus_size`). A side never has more documents than samples, so
-   shards stay under the bound (they hold fewer when the corpus has duplicates).
+   tar shards (:mod:`pipelines.corpus_size`). A side never has more documents than samples, so a
+   shard holds at most ``max_docs_per_shard`` documents on average (hash routing: the largest is
+   within a few square roots of that of the mean; fewer when the corpus has duplicates).
 2. **encode** — Ray Data reads the corpus once (raw WebDataset/Parquet image–text shards through
    the shared reader, bad samples skipped and counted per reason; or feature shards from
    ``sdray featurize``) into an actor pool (backbone + trained heads; GPU when the cluster has
@@ -428,7 +429,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of index shards (default: from the corpus size and --max-docs-per-shard)")
     parser.add_argument("--max-docs-per-shard", type=int, default=None,
                         help="upper bound of documents per shard side when --shards is not given "
-                             "(default: the config's max_docs_per_shard, 250000)")
+                             "(default: the config's max_docs_per_shard, 200000)")
     parser.add_argument("--config", default=None, help="YAML (or JSON) file of IndexConfig fields")
     parser.add_argument("--sides", default="images,captions",
                         help="which sides to build: images (answers text queries), captions (image queries)")

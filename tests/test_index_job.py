@@ -1,5 +1,6 @@
 """``sdray index`` on Ray, end to end on the S3 test server: raw corpus → sharded index, both
-directions, N shards = 1 shard, interrupted build resumes without touching the published index,
+directions, representatives = smallest sample_id, shard count from --max-docs-per-shard,
+N shards = 1 shard, interrupted build resumes without touching the published index,
 index-based evaluation == brute-force evaluation."""
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def setup(ray_session, s3_server, tmp_path_factory):
     return {"root": root, "model": model_uri, "corpus": storage.join(root, "data", "train")}
 
 
-def _run(setup, out, shards, **kw):
+def _run(setup, out, shards=None, **kw):
     from pipelines.index import run_index
 
     return run_index(setup["model"], setup["corpus"], out, shards, CFG, batch_size=16, progress=False, **kw)
@@ -118,20 +119,35 @@ def test_index_job_both_sides_shards_resume_and_eval(setup, capsys):
         assert read_image_bytes(uri) == by_id[iid]
     assert set(r1.shards["captions"][0].meta["caption"]) == {s["caption"] for s in samples}
     assert r1.vocabulary is not None and len(r1.vocabulary) == r1.shards["images"][0].docs.dim
+    # dedupe is exact and each document's metadata comes from its smallest sample_id
+    first_of_image, first_of_caption = {}, {}
+    for s in sorted(samples, key=lambda s: s["sample_id"]):
+        first_of_image.setdefault(s["image_id"], s)
+        first_of_caption.setdefault(s["caption"], s)
+    assert sorted(meta["image_id"]) == sorted(first_of_image)
+    for iid, cap, uri in zip(meta["image_id"], meta["caption"], meta["uri"]):
+        rep = first_of_image[iid]
+        assert cap == rep["caption"] and uri.endswith("#" + rep["sample_id"].partition("/")[2])
+    cmeta = r1.shards["captions"][0].meta
+    for cap, iid in zip(cmeta["caption"], cmeta["image_id"]):
+        assert iid == first_of_caption[cap]["image_id"]
+    assert len(set(r1.shards["images"][0].doc_no)) == n_images
     r1.close()
 
-    # --- rebuild the same OUT with three shards, interrupted after one shard: the published
-    # (1-shard) index is untouched; running it again resumes and publishes the 3-shard version
+    # --- rebuild the same OUT with <= 10 documents per shard (24 samples: 3 shards), interrupted
+    # after one shard: the published (1-shard) index is untouched; running it again resumes and
+    # publishes the 3-shard version
     from pipelines.index import Interrupted
 
     v_old = current_version(one)
     assert v_old == summary1["version"]
     with pytest.raises(Interrupted):
-        _run(setup, one, 3, interrupt_after=1)
+        _run(setup, one, max_docs_per_shard=10, interrupt_after=1)
     assert current_version(one) == v_old                         # still the old version
     assert storage.exists(storage.join(one, "_building.json"))
     Retriever.load(one).close()                                  # and it still loads
-    resumed = _run(setup, one, 3)
+    resumed = _run(setup, one, max_docs_per_shard=10)
+    assert resumed["shards"] == 3 and resumed["estimate"] == {"samples": 24, "exact": True}
     assert resumed["resumed"] and len(resumed["reused"]) >= 1 and resumed["version"] != v_old
     assert sum(resumed["encoded"].values()) < n_images + n_caps   # reused shards not re-encoded
     assert current_version(one) == resumed["version"]

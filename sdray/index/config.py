@@ -56,7 +56,8 @@ class IndexConfig(_Strict):
     threads: int = Field(0, ge=0, description="Search threads per shard; 0: library default.")
     verify_checksums: bool = Field(True, description="Check sha256 of every shard file on load.")
     max_docs_per_shard: int = Field(
-        250_000, ge=1,
-        description="Build: shards = ceil(corpus samples / this) when no shard count is given. 250k "
-        "documents x ~6 KB (1 KB dense float32 in FAISS + ~300 sparse terms x 8 B stored and again "
-        "in Seismic + metadata) = ~1.5 GB of files per shard side.")
+        200_000, ge=1,
+        description="Build: shards = ceil(corpus samples / this) when no shard count is given, so a "
+        "shard side holds about this many documents or fewer. Sized for ~1-2 GB of files per shard "
+        "side at the 256-term nnz budget: ~6-9 KB a document (1 KB FAISS flat + 2 KB stored CSR + "
+        "3-6 KB Seismic + metadata).")
