@@ -107,13 +107,14 @@ def make_feature_corpus(folder: str, n: int, seed: int, rows_per_file: int) -> s
     return folder
 
 
-def run_measured(cmd: list[str], env: dict, log_path: str, interval: float = 0.1) -> tuple[float, float, str]:
-    """Run ``cmd``; (seconds, peak RSS of that process in MiB, stdout)."""
+def run_measured(cmd: list[str], env: dict, log_path: str, interval: float = 0.1,
+                 cwd: str = ROOT) -> tuple[float, float, str]:
+    """Run ``cmd`` in ``cwd``; (seconds, peak RSS of that process in MiB, stdout)."""
     import psutil
 
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd)
         ps = psutil.Process(proc.pid)
         peak = 0
         while proc.poll() is None:
@@ -140,6 +141,10 @@ def env_for(code: str | None) -> dict:
     return env
 
 
+def tag(args) -> str:
+    return "old" if args.code else "new"
+
+
 def index_bytes(out: str) -> tuple[int, int]:
     """(bytes of every shard file of the published version, documents on both sides)."""
     with open(os.path.join(out, "CURRENT.json")) as fh:
@@ -160,7 +165,8 @@ def bench_index(n: int, args, work: str, model: str) -> dict:
         cmd += ["--shards", str(args.shards)]
     elif args.max_docs_per_shard:
         cmd += ["--max-docs-per-shard", str(args.max_docs_per_shard)]
-    seconds, peak, stdout = run_measured(cmd, env_for(args.code), os.path.join(work, f"index-{n}.log"))
+    seconds, peak, stdout = run_measured(cmd, env_for(args.code), os.path.join(work, f"index-{n}-{tag(args)}.log"),
+                                         cwd=args.code or ROOT)
     summary = json.loads(stdout.strip().splitlines()[-1])
     nbytes, docs = index_bytes(out)
     if not args.keep:
@@ -168,21 +174,23 @@ def bench_index(n: int, args, work: str, model: str) -> dict:
     return {"n": n, "driver_peak_rss_mb": round(peak, 1), "seconds": round(seconds, 2),
             "docs_per_s": round(n / seconds, 1), "shards": summary["shards"], "documents": docs,
             "index_bytes": nbytes, "bytes_per_doc": round(nbytes / max(docs, 1), 1),
-            "code": "old" if args.code else "new"}
+            "code": tag(args)}
 
 
 def bench_featurize(n: int, args, work: str) -> dict:
     data = os.path.join(work, f"synth-{n}-s{args.seed}")
     if not os.path.exists(os.path.join(data, "synth.json")):
-        subprocess.run([sys.executable, "-m", "pipelines.cli", "synth", "--out", data, "--n", str(n),
+        subprocess.run([sys.executable, "-m", "pipelines.cli", "synth", "--out", data, "--n", str(n), "--splits", "train",
+                        "--captions-per-image", "1",
                         "--seed", str(args.seed)], check=True, cwd=ROOT, env=env_for(None),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tempfile.mkdtemp(prefix=f"features-{n}-", dir=work)
     cmd = [sys.executable, "-m", "pipelines.cli", "featurize", "--data", os.path.join(data, "train"), "--out", out]
-    seconds, peak, _ = run_measured(cmd, env_for(args.code), os.path.join(work, f"featurize-{n}.log"))
+    seconds, peak, _ = run_measured(cmd, env_for(args.code), os.path.join(work, f"featurize-{n}-{tag(args)}.log"),
+                                    cwd=args.code or ROOT)
     subprocess.run(["rm", "-rf", out], check=True)
     return {"n": n, "driver_peak_rss_mb": round(peak, 1), "seconds": round(seconds, 2),
-            "docs_per_s": round(n / seconds, 2), "code": "old" if args.code else "new"}
+            "docs_per_s": round(n / seconds, 2), "code": tag(args)}
 
 
 def head_cost(threads: int = 1, n: int = 1024) -> dict:
