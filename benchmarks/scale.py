@@ -228,7 +228,7 @@ def print_table(result: dict) -> None:
         if not rows:
             continue
         print(f"\n{job}: {'N':>9} {'driver peak RSS MiB':>20} {'seconds':>9} {'pairs/s':>9}"
-              + (f" {'shards':>6} {'bytes/doc':>9}" if job == "index" else ""))
+              + (f" {'shards':>6} {'bytes/doc':>9}" if all("shards" in r for r in rows) else ""))
         for r in rows:
             extra = f" {r['shards']:>6} {r['bytes_per_doc']:>9.0f}" if "shards" in r else ""
             print(f"{'':{len(job) + 1}} {r['n']:>9} {r['driver_peak_rss_mb']:>20.1f} {r['seconds']:>9.1f} "
