@@ -61,8 +61,8 @@ def file_sizes(files: list[str]) -> dict[str, int]:
             sizes[p] = int(info.get("size") or 0)
     out = {}
     for f in files:
-        _, path = storage.filesystem(f)
-        out[f] = sizes.get(path) if path in sizes else int(storage.filesystem(f)[0].size(path))
+        fs, path = storage.filesystem(f)
+        out[f] = sizes[path] if path in sizes else int(fs.size(path))
     return out
 
 

@@ -241,3 +241,13 @@ def test_index_job_on_feature_shards_dedupes_across_files(setup, tmp_path):
     for d in ("t2i", "i2t"):
         for rep in ("dense", "sparse", "hybrid"):
             assert via[d][rep] == pytest.approx(brute[d][rep], abs=1e-12), (d, rep)
+
+
+def test_tar_corpus_size_is_estimated_from_a_sample_of_shards(setup):
+    """More tars than sampled: one tar is read and the count scaled by bytes (S3 listing sizes);
+    with every tar sampled the count is exact."""
+    from pipelines.corpus_size import raw_corpus_size
+
+    est = raw_corpus_size(setup["corpus"], sample_shards=1)
+    assert not est.exact and abs(est.rows - 24) <= 3, est
+    assert raw_corpus_size(setup["corpus"], sample_shards=2) == type(est)(24, True)
