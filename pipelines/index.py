@@ -343,7 +343,7 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int | None = None, 
     fp = mf.fingerprint({"model": model_uri, "corpus": corpus, "config": cfg.model_dump(), "shards": shards,
                          "sides": list(sides), "files": corpus_listing_digest(files)})
     version, resumed = mf.begin_build(out, fp)
-    done = _shard_status(out, version, shards, sides)
+    done = _shard_status(out, version, shards, sides) if resumed else dict.fromkeys(range(shards))
     pending = [s for s in range(shards) if done[s] is None]
     timings["plan_s"] = round(time.time() - t0, 3)
     log(f"version {version}" + (" (resuming)" if resumed else "") +
