@@ -395,9 +395,11 @@ def _count_rows(uri: str, mode: str, cfg) -> int:
         for f in storage.list_files(uri, (".parquet",)):
             total += pq.ParquetFile(fs.open_input_file(f[5:] if f.startswith("s3://") else f)).metadata.num_rows
         return total
-    from pipelines.datasets import read_image_text
+    from pipelines.corpus_size import raw_corpus_size
 
-    return read_image_text(uri, cfg.data, decode=False).count()
+    # No pass over the images: Parquet footers, else a few tars scaled by bytes. The schedule is
+    # set from this count; an epoch ends when the data runs out or at that many steps.
+    return raw_corpus_size(uri, cfg.data).rows
 
 
 def initial_heads(cfg, init_uri: str | None):

@@ -1,5 +1,6 @@
 """``sdray index`` on Ray, end to end on the S3 test server: raw corpus → sharded index, both
-directions, N shards = 1 shard, interrupted build resumes without touching the published index,
+directions, representatives = smallest sample_id, shard count from --max-docs-per-shard,
+N shards = 1 shard, interrupted build resumes without touching the published index,
 index-based evaluation == brute-force evaluation."""
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def setup(ray_session, s3_server, tmp_path_factory):
     return {"root": root, "model": model_uri, "corpus": storage.join(root, "data", "train")}
 
 
-def _run(setup, out, shards, **kw):
+def _run(setup, out, shards=None, **kw):
     from pipelines.index import run_index
 
     return run_index(setup["model"], setup["corpus"], out, shards, CFG, batch_size=16, progress=False, **kw)
@@ -118,20 +119,35 @@ def test_index_job_both_sides_shards_resume_and_eval(setup, capsys):
         assert read_image_bytes(uri) == by_id[iid]
     assert set(r1.shards["captions"][0].meta["caption"]) == {s["caption"] for s in samples}
     assert r1.vocabulary is not None and len(r1.vocabulary) == r1.shards["images"][0].docs.dim
+    # dedupe is exact and each document's metadata comes from its smallest sample_id
+    first_of_image, first_of_caption = {}, {}
+    for s in sorted(samples, key=lambda s: s["sample_id"]):
+        first_of_image.setdefault(s["image_id"], s)
+        first_of_caption.setdefault(s["caption"], s)
+    assert sorted(meta["image_id"]) == sorted(first_of_image)
+    for iid, cap, uri in zip(meta["image_id"], meta["caption"], meta["uri"]):
+        rep = first_of_image[iid]
+        assert cap == rep["caption"] and uri.endswith("#" + rep["sample_id"].partition("/")[2])
+    cmeta = r1.shards["captions"][0].meta
+    for cap, iid in zip(cmeta["caption"], cmeta["image_id"]):
+        assert iid == first_of_caption[cap]["image_id"]
+    assert len(set(r1.shards["images"][0].doc_no)) == n_images
     r1.close()
 
-    # --- rebuild the same OUT with three shards, interrupted after one shard: the published
-    # (1-shard) index is untouched; running it again resumes and publishes the 3-shard version
+    # --- rebuild the same OUT with <= 10 documents per shard (24 samples: 3 shards), interrupted
+    # after one shard: the published (1-shard) index is untouched; running it again resumes and
+    # publishes the 3-shard version
     from pipelines.index import Interrupted
 
     v_old = current_version(one)
     assert v_old == summary1["version"]
     with pytest.raises(Interrupted):
-        _run(setup, one, 3, interrupt_after=1)
+        _run(setup, one, max_docs_per_shard=10, interrupt_after=1)
     assert current_version(one) == v_old                         # still the old version
     assert storage.exists(storage.join(one, "_building.json"))
     Retriever.load(one).close()                                  # and it still loads
-    resumed = _run(setup, one, 3)
+    resumed = _run(setup, one, max_docs_per_shard=10)
+    assert resumed["shards"] == 3 and resumed["estimate"] == {"samples": 24, "exact": True}
     assert resumed["resumed"] and len(resumed["reused"]) >= 1 and resumed["version"] != v_old
     assert sum(resumed["encoded"].values()) < n_images + n_caps   # reused shards not re-encoded
     assert current_version(one) == resumed["version"]
@@ -170,3 +186,68 @@ def test_index_job_both_sides_shards_resume_and_eval(setup, capsys):
         for d in ("t2i", "i2t"):
             assert via[d]["hybrid"] == pytest.approx(brute[d][f"hybrid_{name}"], abs=1e-12), (name, d)
     r.close()
+
+
+def test_index_job_on_feature_shards_dedupes_across_files(setup, tmp_path):
+    """Feature shards (as featurize writes them) with copies of images and captions spread over
+    files: exact dedupe across shards, representatives' metadata, eval through the index ==
+    brute force. Local folder, so both storage back-ends run the job."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.evaluate import load_split
+    from sdray.evaluation import evaluate_features
+    from sdray.index import Retriever
+    from sdray.index.evaluate import evaluate_index_uri
+    from sdray.model import RetrievalModel
+
+    model = RetrievalModel.load(setup["model"])
+    td, idim = model.backbone.text_dim, model.backbone.image_dim
+    rng = np.random.default_rng(3)
+    img_feats = rng.standard_normal((10, idim)).astype(np.float32)
+    cap_feats = rng.standard_normal((14, td)).astype(np.float32)
+    corpus = tmp_path / "features"
+    corpus.mkdir()
+    rows = []   # (sample_id, image, caption): every image twice, captions 0-3 shared by two images
+    for s in range(20):
+        rows.append((f"part-{s % 3}/{s:04d}", s % 10, s % 14))
+    for f in range(3):
+        part = [r for r in rows if r[0].startswith(f"part-{f}/")]
+        pq.write_table(pa.table({
+            "sample_id": [r[0] for r in part], "image_id": [f"img{r[1]}" for r in part],
+            "caption": [f"caption number {r[2]}" for r in part],
+            "text_features": pa.FixedSizeListArray.from_arrays(pa.array(cap_feats[[r[2] for r in part]].ravel()), td),
+            "image_features": pa.FixedSizeListArray.from_arrays(pa.array(img_feats[[r[1] for r in part]].ravel()), idim),
+        }), corpus / f"part-{f}.parquet")
+    out = str(tmp_path / "index")
+    summary = _run({**setup, "corpus": str(corpus)}, out, max_docs_per_shard=8)
+    assert summary["shards"] == 3 and summary["samples"] == 20
+    assert summary["counts"] == {"images": 10, "captions": 14}
+    r = Retriever.load(out)
+    firsts = {}
+    for sid, img, cap in sorted(rows):
+        firsts.setdefault(("images", f"img{img}"), f"caption number {cap}")
+        firsts.setdefault(("captions", f"caption number {cap}"), f"img{img}")
+    for shard in r.shards["images"]:
+        for iid, cap in zip(shard.meta["image_id"], shard.meta["caption"]):
+            assert cap == firsts[("images", iid)]
+    for shard in r.shards["captions"]:
+        for cap, iid in zip(shard.meta["caption"], shard.meta["image_id"]):
+            assert iid == firsts[("captions", cap)]
+    r.close()
+    data = load_split(str(corpus), model)
+    brute = evaluate_features(model.heads, data, model.config)
+    via = evaluate_index_uri(out, model, data)
+    for d in ("t2i", "i2t"):
+        for rep in ("dense", "sparse", "hybrid"):
+            assert via[d][rep] == pytest.approx(brute[d][rep], abs=1e-12), (d, rep)
+
+
+def test_tar_corpus_size_is_estimated_from_a_sample_of_shards(setup):
+    """More tars than sampled: one tar is read and the count scaled by bytes (S3 listing sizes);
+    with every tar sampled the count is exact."""
+    from pipelines.corpus_size import raw_corpus_size
+
+    est = raw_corpus_size(setup["corpus"], sample_shards=1)
+    assert not est.exact and abs(est.rows - 24) <= 3, est
+    assert raw_corpus_size(setup["corpus"], sample_shards=2) == type(est)(24, True)

@@ -131,6 +131,13 @@ def test_rayjob_entrypoint_is_a_real_command(name):
             assert value.startswith("s3://"), f"{name}: --{key} {value} is not on S3"
 
 
+def test_index_job_sizes_its_shards_from_the_corpus():
+    """No fixed shard count (issue 11): N = ceil(samples / --max-docs-per-shard)."""
+    _, ns = parse_entrypoint(entrypoint_argv(load(RAYJOBS["index"])))
+    assert ns.shards is None, "--shards fixes the count whatever the corpus size"
+    assert ns.max_docs_per_shard is not None and 10_000 <= ns.max_docs_per_shard <= 2_000_000
+
+
 def test_train_gpu_workers_fit_the_trainer():
     doc = load(RAYJOBS["train"])
     _, ns = parse_entrypoint(entrypoint_argv(doc))

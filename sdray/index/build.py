@@ -1,14 +1,19 @@
 """Build a whole sharded index in one process (the Ray job in ``pipelines/index.py`` does the same
 per shard in parallel): split rows into N shards, build and save each, publish the manifest.
 
-Rows go to shard ``crc32(id) % N``, a stable assignment, so a re-run after an interruption
-rebuilds exactly the missing shards of the pending version.
+Routing: a document's ``doc_no`` is a 63-bit hash of its id (:func:`doc_hash`; the id is the
+image_id for images and a hash of the exact text for captions, i.e. the dedupe key) and it goes to
+shard ``doc_no % N``. The assignment is stable, so a re-run after an interruption rebuilds exactly
+the missing shards of the pending version, and every copy of a document lands in the same shard,
+so dedupe is exact within a shard. ``doc_no`` also breaks score ties; a hash collision can only
+happen inside one shard (equal hashes, equal residues) and is resolved there
+(:func:`unique_doc_no`), so ``doc_no`` is unique across the index however it is sharded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import zlib
 from typing import Any, Callable
 
 import numpy as np
@@ -16,12 +21,88 @@ import numpy as np
 from sdray import storage
 from sdray.index import manifest as mf
 from sdray.index.config import IndexConfig
+from sdray.index.csr import CSR
 from sdray.index.shard import Shard, ShardData
 
 
+DOC_NO_BITS = 63
+
+
+def doc_hash(doc_id: str) -> int:
+    """A document's ``doc_no`` before collision handling: the first 63 bits of BLAKE2b(id)."""
+    digest = hashlib.blake2b(str(doc_id).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> (64 - DOC_NO_BITS)
+
+
 def shard_of(ids: list[str], n_shards: int) -> np.ndarray:
-    """Stable shard number of every id."""
-    return np.array([zlib.crc32(str(i).encode("utf-8")) % n_shards for i in ids], dtype=np.int64)
+    """Stable shard number of every id: ``doc_hash(id) % n_shards``."""
+    return np.array([doc_hash(i) % n_shards for i in ids], dtype=np.int64)
+
+
+def unique_doc_no(doc_no: np.ndarray, ids: list[str], n_shards: int) -> np.ndarray:
+    """``doc_no`` of one shard's distinct documents with hash collisions resolved.
+
+    Colliding documents share a residue mod ``n_shards`` and hence a shard; the one with the
+    smaller id keeps the hash, the others move up by multiples of ``n_shards`` (same residue, so
+    no other shard can hold the new value) to the next free value.
+    """
+    doc_no = np.asarray(doc_no, np.int64).copy()
+    if len(np.unique(doc_no)) == len(doc_no):
+        return doc_no
+    taken: set[int] = set()
+    for i in sorted(range(len(doc_no)), key=lambda j: (int(doc_no[j]), ids[j])):
+        d = int(doc_no[i])
+        while d in taken:
+            d = d + n_shards if d + n_shards < 2**DOC_NO_BITS else d % n_shards
+        taken.add(d)
+        doc_no[i] = d
+    return doc_no
+
+
+def dedupe_rows(table):
+    """One shard side's encoded rows, one per document: the representative sample of each ``id``
+    is the one with the smallest ``sample_id`` (today's "first occurrence in sample_id order").
+
+    ``table``: a pyarrow table with at least ``id`` and ``sample_id``; returns the kept rows
+    sorted by ``sample_id``. Pure pyarrow/NumPy, no per-row Python objects besides the two keys.
+    """
+    import pyarrow.compute as pc
+
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(table, sort_keys=[("id", "ascending"), ("sample_id", "ascending")])
+    ids = pc.take(table.column("id"), order).to_numpy(zero_copy_only=False)
+    first = np.ones(len(ids), bool)
+    first[1:] = ids[1:] != ids[:-1]
+    kept = table.take(pc.take(order, np.flatnonzero(first)))
+    return kept.take(pc.sort_indices(kept, sort_keys=[("sample_id", "ascending")]))
+
+
+def shard_data_from_rows(table, n_shards: int, vocab_size: int, dense_dim: int) -> ShardData:
+    """:class:`ShardData` of one shard side from its encoded rows (duplicates allowed).
+
+    ``table`` columns: ``id, sample_id, image_id, caption, uri`` (strings), ``doc_no`` (int64
+    hash, :func:`doc_hash`), ``dense`` (fixed_size_list<float32>[D]), ``sp_idx`` (list<int32>,
+    increasing term ids) and ``sp_val`` (list<float32>). Rows are deduplicated with
+    :func:`dedupe_rows`; the sparse vectors go straight from Arrow list offsets to a CSR.
+    """
+    rows = dedupe_rows(table).combine_chunks() if table is not None else None
+    n = 0 if rows is None else rows.num_rows
+    if n == 0:
+        return ShardData(dense=np.zeros((0, dense_dim), np.float32),
+                         sparse=CSR(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32), vocab_size),
+                         ids=[], vocab_size=vocab_size)
+    dense = np.asarray(rows.column("dense").chunk(0).flatten().to_numpy(zero_copy_only=False), np.float32)
+    idx, val = rows.column("sp_idx").chunk(0), rows.column("sp_val").chunk(0)
+    offsets = np.asarray(idx.offsets.to_numpy(), np.int64)
+    indptr = offsets - offsets[0]
+    indices = np.asarray(idx.flatten().to_numpy(zero_copy_only=False), np.int32)
+    values = np.asarray(val.flatten().to_numpy(zero_copy_only=False), np.float32)
+    ids = rows.column("id").to_pylist()
+    return ShardData(dense=dense.reshape(n, dense_dim), sparse=CSR(indptr, indices, values, vocab_size), ids=ids,
+                     image_ids=rows.column("image_id").to_pylist(), captions=rows.column("caption").to_pylist(),
+                     uris=rows.column("uri").to_pylist(),
+                     doc_no=unique_doc_no(rows.column("doc_no").to_numpy(), ids, n_shards), vocab_size=vocab_size)
 
 
 def split(data: ShardData, n_shards: int) -> list[ShardData]:

@@ -67,3 +67,9 @@ class IndexConfig(_Strict):
     )
     threads: int = Field(0, ge=0, description="Search threads per shard; 0: library default.")
     verify_checksums: bool = Field(True, description="Check sha256 of every shard file on load.")
+    max_docs_per_shard: int = Field(
+        200_000, ge=1,
+        description="Build: shards = ceil(corpus samples / this) when no shard count is given, so a "
+        "shard side holds about this many documents or fewer. Sized for <= 2 GB of files per shard "
+        "side at the 256-term nnz budget: ~9.7 KB a document (1 KB FAISS flat + 2 KB stored CSR + "
+        "~6.6 KB Seismic at 25.7 B/term, measured at 1M; docs/benchmarks.md).")
