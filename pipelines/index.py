@@ -181,11 +181,11 @@ class Encoder:
             return torch.as_tensor(x, device=self.device)
         sel = np.asarray(rows, np.int64)
         if side == "images":
-            px = torch.as_tensor(np.asarray(batch["pixels"], np.float32)[sel], device=self.device)
-            return self._backbone().image_features(px).float()
+            px = torch.as_tensor(np.asarray(batch["pixels"])[sel], device=self.device)
+            return self._backbone().pixel_features(px)
         ids = torch.as_tensor(np.asarray(batch["input_ids"])[sel], dtype=torch.long, device=self.device)
         mask = torch.as_tensor(np.asarray(batch["attention_mask"])[sel], dtype=torch.long, device=self.device)
-        return self._backbone().text_features(ids, mask).float()
+        return self._backbone().token_features(ids, mask)
 
     def __call__(self, batch: dict):
         import pyarrow as pa

@@ -85,13 +85,13 @@ def test_index_encoder_keeps_inputs_on_the_device_of_its_heads(tmp_path):
     torch.manual_seed(0)
     cpu_heads = RetrieverHeads(nn.Linear(HT, D), nn.Linear(HI, D), torch.randn(V, 6))
     RetrievalModel(from_dict({}), cpu_heads, {"method": "joint"}).save(str(tmp_path / "m"))
-    enc = Encoder(str(tmp_path / "m"))
+    enc = Encoder(str(tmp_path / "m"), n_shards=1, pending=[0], sides=("images", "captions"))
     enc.model.heads.to("meta")
     enc.device = torch.device("meta")  # what a GPU actor has, with the heads moved there
-    batch = {"image_features": np.ones((3, HI), np.float32), "img_doc": np.array([0, -1, 1]),
-             "text_features": np.ones((3, HT), np.float32), "cap_doc": np.array([2, 3, -1])}
+    batch = {"image_features": np.ones((3, HI), np.float32), "text_features": np.ones((3, HT), np.float32)}
     with MetaHost():
-        table = enc(batch)
-    assert table.column("side").to_pylist() == ["images", "images", "captions", "captions"]
-    assert table.column("doc_no").to_pylist() == [0, 1, 2, 3]
-    assert table.column("dense").type.list_size == D
+        for side, encode in (("images", enc.model.heads.encode_image), ("captions", enc.model.heads.encode_text)):
+            feats = enc._features(batch, side, [0, 2])
+            assert feats.device.type == "meta"
+            out = encode(feats)
+            assert out.dense.shape == (2, D) and out.sparse.shape == (2, V)
