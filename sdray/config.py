@@ -177,6 +177,9 @@ class StorageConfig(_Strict):
     max_attempts: int = Field(5, ge=1, le=50, description="botocore attempts per request, first included.")
     connect_timeout_s: float = Field(5.0, gt=0.0, le=600.0)
     read_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    write_timeout_s: float = Field(
+        300.0, gt=0.0, le=86400.0, description="Deadline of one whole object write; an upload to a "
+        "stalled server is not bounded by read_timeout_s (seen with SeaweedFS behind a stalling proxy).")
     body_attempts: int = Field(3, ge=1, le=20, description="s3fs attempts of a call whose response was cut.")
     shard_attempts: int = Field(3, ge=1, le=20, description="Whole-shard reads before the task fails.")
     backoff_s: float = Field(1.0, ge=0.0, le=600.0, description="First wait between shard attempts; doubles.")

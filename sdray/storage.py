@@ -258,10 +258,12 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri``. On S3 one ``put_object`` with the bytes as body: a file-like
     body would make botocore send ``Expect: 100-continue``, whose wait has no timeout, so a
-    stalled server would hang the write forever instead of timing out (``read_timeout_s``)."""
+    stalled server would hang the write forever instead of timing out (``read_timeout_s``). The
+    whole write also has a deadline, ``write_timeout_s`` (fsspec raises ``FSTimeoutError``), since
+    a stalled upload was seen to outlive every socket timeout."""
     if is_remote(uri):
         fs, path = filesystem(uri)
-        fs.pipe_file(path, bytes(data))
+        fs.pipe_file(path, bytes(data), timeout=retry_config().write_timeout_s)
         return
     with open_uri(uri, "wb") as f:
         f.write(data)

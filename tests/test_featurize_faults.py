@@ -18,8 +18,8 @@ from tests.faultproxy import FaultProxy
 pytestmark = pytest.mark.slow
 
 # tiny budgets: transient faults of about a second are survived, a longer outage is not
-BUDGET = StorageConfig(max_attempts=3, connect_timeout_s=1, read_timeout_s=2, body_attempts=1,
-                       shard_attempts=3, backoff_s=0.2, backoff_max_s=1, task_retries=1)
+BUDGET = StorageConfig(max_attempts=3, connect_timeout_s=1, read_timeout_s=2, write_timeout_s=5,
+                       body_attempts=1, shard_attempts=3, backoff_s=0.2, backoff_max_s=1, task_retries=1)
 N_SHARDS, PER_SHARD = 6, 8
 
 
