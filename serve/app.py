@@ -24,28 +24,13 @@ from serve.config import ServeConfig
 from serve.encoder import QueryEncoder
 from serve.ingress import Ingress
 from serve.searchers import ShardSearcher
-from serve.shard_group import resolve_root
+from serve.shard_group import model_uri, served_manifest as _manifest
 
-
-def _manifest(cfg: ServeConfig) -> dict:
-    from sdray.index import manifest as mf
-
-    root, pinned = resolve_root(cfg.index)
-    return mf.load_manifest(root, pinned)
 
 
 def n_groups(cfg: ServeConfig) -> int:
     """Shard-searcher deployments: ``cfg.shard_groups`` or the served version's shard count."""
     return cfg.shard_groups or max(1, len(_manifest(cfg)["shards"]))
-
-
-def model_uri(cfg: ServeConfig) -> str:
-    if cfg.model:
-        return cfg.model
-    uri = _manifest(cfg).get("model")
-    if not uri:
-        raise ValueError(f"the index at {cfg.index} names no model; pass --model")
-    return uri
 
 
 def group_memory(manifest: dict, groups: int, per_byte: float) -> list[int]:

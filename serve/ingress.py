@@ -183,7 +183,7 @@ class Ingress:
         self.limiter = RateLimiter(self.cfg.rate_limit_per_s, self.cfg.rate_burst)
         self.url_secret = self.keys.signing_secret() if self.keys.enabled else None
         if encoder is None:
-            from serve.app import model_uri
+            from serve.shard_group import model_uri
             from serve.encoder import LocalEncoder
 
             encoder = LocalEncoder(model_uri(self.cfg), self.cfg.use_gpu, self.cfg.batch.max_batch_size,

@@ -331,6 +331,22 @@ def _id_index(shard: Shard) -> dict[str, int]:
     return idx
 
 
+def served_manifest(cfg) -> dict:
+    """The manifest of the index version ``cfg`` (a :class:`~serve.config.ServeConfig`) serves."""
+    root, pinned = resolve_root(cfg.index)
+    return mf.load_manifest(root, pinned)
+
+
+def model_uri(cfg) -> str:
+    """The query encoder's model: ``cfg.model``, else the one the served manifest names."""
+    if cfg.model:
+        return cfg.model
+    uri = served_manifest(cfg).get("model")
+    if not uri:
+        raise ValueError(f"the index at {cfg.index} names no model; pass --model")
+    return uri
+
+
 def resolve_root(uri: str) -> tuple[str, str | None]:
     """``(root, pinned version or None)`` of an index URI (root or one version folder)."""
     return mf.index_root(uri)
