@@ -21,6 +21,7 @@ Both output formats of img2dataset are read: ``webdataset`` (``NNNNN.tar``, with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -134,20 +135,8 @@ def _finish(shard: str, key: str, fields: dict[str, bytes], max_caption_bytes: i
     raw_caption = fields.get("txt")
     if raw_caption is None and isinstance(meta.get("caption"), str):
         raw_caption = meta["caption"]
-    if image is None:
-        counts.add(S.IMAGE_MISSING)
-        return None
-    if len(image) == 0:
-        counts.add(S.IMAGE_EMPTY)
-        return None
-    caption = check_caption(raw_caption, max_caption_bytes, counts)
-    if caption is None:
-        return None
-    image_id = meta.get("image_id")
-    image_id = str(image_id) if image_id not in (None, "") else image_hash(image)
-    url = meta.get("url")
-    return {"sample_id": f"{shard}/{key}", "image_id": image_id, "caption": caption,
-            "image": image, "key": key, "url": str(url) if url not in (None, "") else None}
+    return _sample(shard, key, image, raw_caption, meta.get("image_id"), meta.get("url"),
+                   max_caption_bytes, counts)
 
 
 def iter_tar_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
@@ -193,10 +182,8 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
     except Exception:
         broken = True
     finally:
-        try:
+        with contextlib.suppress(tarfile.TarError, OSError):
             tf.close()
-        except Exception:
-            pass
     if broken:
         if not order:
             counts.add(S.SHARD_UNREADABLE)
@@ -244,7 +231,7 @@ def iter_parquet_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
                 if status not in (None, "success"):
                     counts.add(S.DOWNLOAD_FAILED)
                     continue
-                sample = _parquet_sample(shard, key, image, data["caption"][i],
+                sample = _sample(shard, key, image, data["caption"][i],
                                          data.get("image_id", nothing)[i],
                                          data.get("url", nothing)[i], max_caption_bytes, counts)
                 if sample is not None:
@@ -253,8 +240,10 @@ def iter_parquet_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
         counts.add(S.SHARD_TRUNCATED if row else S.SHARD_UNREADABLE)
 
 
-def _parquet_sample(shard: str, key: str, image: Any, raw_caption: Any, image_id: Any, url: Any,
-                    max_caption_bytes: int, counts: SkipCounts) -> dict | None:
+def _sample(shard: str, key: str, image: Any, raw_caption: Any, image_id: Any, url: Any,
+            max_caption_bytes: int, counts: SkipCounts) -> dict | None:
+    """One raw sample (tar or Parquet), or ``None`` with the reason counted: no or empty image,
+    bad caption. ``image_id`` defaults to the hash of the image bytes."""
     if image is None:
         counts.add(S.IMAGE_MISSING)
         return None

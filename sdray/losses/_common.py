@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_pair(name: str, img: Tensor, txt: Tensor) -> None:
@@ -51,3 +51,13 @@ def regularizer_input(reg, rows: Tensor, cols: Tensor | None) -> Tensor:
     (L1: the mean over ranks is the batch mean), every rank's vectors for a batch-level one
     (FLOPS: the same value on every rank)."""
     return rows if reg.per_row or cols is None else cols
+
+
+class LoggedLoss(nn.Module):
+    """A loss module whose :meth:`terms` returns ``(loss, logs)`` with the logs as detached tensors
+    (no host sync, what the Trainer calls every step); calling the module returns the same loss
+    with the logs as Python floats. Subclasses define ``terms``; its signature is the module's."""
+
+    def forward(self, *args, **kwargs) -> tuple[Tensor, dict[str, float]]:
+        loss, logs = self.terms(*args, **kwargs)
+        return loss, to_floats(logs)

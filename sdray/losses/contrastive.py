@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._common import as_temperature, check_pair, to_floats
+from ._common import LoggedLoss, as_temperature, check_pair
 from .columns import Columns, directions, row_targets
 from .targets import nce_rows
 
 __all__ = ["DenseContrastiveLoss"]
 
 
-class DenseContrastiveLoss(nn.Module):
+class DenseContrastiveLoss(LoggedLoss):
     """Symmetric InfoNCE on temperature-scaled cosine scores, with multi-positive targets.
 
     .. math::
@@ -43,17 +43,6 @@ class DenseContrastiveLoss(nn.Module):
         >>> loss, logs = loss_fn(img_dense, txt_dense, model.tau, pos)
         >>> loss.backward()
     """
-
-    def forward(
-        self,
-        img_dense: Tensor,
-        txt_dense: Tensor,
-        temperature: Tensor | float,
-        pos: Tensor | None = None,
-        columns: Columns | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        loss, logs = self.terms(img_dense, txt_dense, temperature, pos, columns)
-        return loss, to_floats(logs)
 
     def terms(
         self,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._common import apply_txt_mask, as_temperature, check_pair, regularizer_input, to_floats
+from ._common import LoggedLoss, apply_txt_mask, as_temperature, check_pair, regularizer_input
 from .columns import Columns, directions
 from .regularizers import build_regularizer
 from .targets import score_matrix, soft_cross_entropy
@@ -14,7 +14,7 @@ from .targets import score_matrix, soft_cross_entropy
 __all__ = ["D2SLoss"]
 
 
-class D2SLoss(nn.Module):
+class D2SLoss(LoggedLoss):
     """Sparse head distilled from a frozen dense model, both directions, plus sparsity.
 
     .. math::
@@ -83,22 +83,6 @@ class D2SLoss(nn.Module):
 
     #: ``(a, b) -> a @ b.T`` for the sparse scores (the Trainer may swap in sparse kernels)
     sparse_scorer = staticmethod(score_matrix)
-
-    def forward(
-        self,
-        img_dense: Tensor,
-        txt_dense: Tensor,
-        img_sparse: Tensor,
-        txt_sparse: Tensor,
-        temperature: Tensor | float,
-        txt_mask: Tensor | None = None,
-        step: int | None = None,
-        columns: Columns | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        loss, logs = self.terms(
-            img_dense, txt_dense, img_sparse, txt_sparse, temperature, txt_mask, step, columns
-        )
-        return loss, to_floats(logs)
 
     def terms(
         self,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._common import apply_txt_mask, as_temperature, check_pair, regularizer_input, to_floats
+from ._common import LoggedLoss, apply_txt_mask, as_temperature, check_pair, regularizer_input
 from .columns import Columns, directions, row_targets
 from .regularizers import build_regularizer
 from .targets import kd_rows, nce_rows, score_matrix
@@ -12,7 +12,7 @@ from .targets import kd_rows, nce_rows, score_matrix
 __all__ = ["JointSelfDistillationLoss"]
 
 
-class JointSelfDistillationLoss(nn.Module):
+class JointSelfDistillationLoss(LoggedLoss):
     """Dense and sparse retrievers trained together, each distilled from their integrated score.
 
     Scores (images are rows, texts columns)::
@@ -122,23 +122,6 @@ class JointSelfDistillationLoss(nn.Module):
 
     #: ``(a, b) -> a @ b.T`` for the sparse scores (the Trainer may swap in sparse kernels)
     sparse_scorer = staticmethod(score_matrix)
-
-    def forward(
-        self,
-        img_dense: Tensor,
-        txt_dense: Tensor,
-        img_sparse: Tensor,
-        txt_sparse: Tensor,
-        temperature: Tensor | float,
-        pos: Tensor | None = None,
-        txt_mask: Tensor | None = None,
-        step: int | None = None,
-        columns: Columns | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        loss, logs = self.terms(
-            img_dense, txt_dense, img_sparse, txt_sparse, temperature, pos, txt_mask, step, columns
-        )
-        return loss, to_floats(logs)
 
     def terms(
         self,
