@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -422,6 +423,28 @@ def initial_heads(cfg, init_uri: str | None):
     return heads, copied, special
 
 
+def local_ray_cpus(workers: int, cpus_per_worker: float) -> int:
+    """Logical CPUs for a local Ray: the machine's, and at least one more than the workers hold.
+
+    Ray Data reads the shards in tasks that need a CPU of their own; with every logical CPU held
+    by the training workers (``--cpus-per-worker 2`` on a 2-core machine) they never start and
+    the run hangs. The extra logical CPU oversubscribes the machine a little instead.
+    """
+    return max(os.cpu_count() or 1, int(math.ceil(workers * cpus_per_worker)) + 1)
+
+
+def check_cpus_left_for_data(workers: int, cpus_per_worker: float) -> None:
+    """Fail fast, instead of hanging, when the workers would hold every CPU of the cluster."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total - workers * cpus_per_worker < 1:
+        raise config_lib.ConfigError(
+            f"{workers} worker(s) x --cpus-per-worker {cpus_per_worker:g} hold all {total:g} CPUs of "
+            "the Ray cluster, so no CPU is left for Ray Data to read the shards (the run would hang): "
+            "lower --cpus-per-worker or --num-workers, or give Ray more CPUs (--num-cpus)")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run training; returns the summary (also written to ``OUT/summary.json``)."""
     import ray
@@ -452,7 +475,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if kind == "features" and not check_feature_uri(uri, cfg.backbone, "the training config"):
             print(f"[sdray train] warning: {uri} has no featurize manifest; its backbone and "
                   "preprocessing cannot be checked", file=sys.stderr)
-    ensure_ray(num_cpus=args.num_cpus)
+    ensure_ray(num_cpus=args.num_cpus or local_ray_cpus(workers, args.cpus_per_worker))
+    check_cpus_left_for_data(workers, args.cpus_per_worker)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

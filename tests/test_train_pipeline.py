@@ -194,3 +194,20 @@ def test_two_runs_of_one_config_give_identical_metrics(ray_session, tiny_data, t
     assert val[0] == val[1]
     train = [[r["loss"] for r in run if r["type"] == "train"] for run in runs]
     assert train[0] == train[1] and len(train[0]) >= 2
+
+
+def test_workers_holding_every_cpu_fail_fast_instead_of_hanging(ray_session, tiny_data, tmp_path, capsys):
+    """With every CPU held by training workers, Ray Data's read tasks never start: the job must
+    refuse with a config error (exit 3) before it starts a trainer, not hang."""
+    total = int(ray_session.cluster_resources()["CPU"])
+    rc = cli(_common(tiny_data, str(tmp_path / "m"), "dense", 1, cpus_per_worker=total))
+    assert rc == 3
+    assert "no CPU is left for Ray Data" in capsys.readouterr().err
+
+
+def test_local_ray_keeps_a_cpu_for_data_reads():
+    from pipelines.train import local_ray_cpus
+
+    assert local_ray_cpus(1, 2.0) >= 3
+    assert local_ray_cpus(2, 1.5) >= 4
+    assert local_ray_cpus(1, 1.0) >= max(2, os.cpu_count() or 1)
