@@ -25,8 +25,10 @@ def _fixed_list(col, dtype=np.float32) -> np.ndarray:
     return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
 
 
-def read_feature_columns(uri: str, columns: tuple[str, ...] = ("image_id", "caption", "input_ids",
-                                                                 "text_features", "image_features")) -> dict[str, Any]:
+FEATURE_SPLIT_COLUMNS = ("image_id", "caption", "input_ids", "text_features", "image_features")
+
+
+def read_feature_columns(uri: str, columns: tuple[str, ...] = FEATURE_SPLIT_COLUMNS) -> dict[str, Any]:
     """All feature rows under ``uri`` as in-memory columns (pyarrow; no Ray)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -48,8 +50,8 @@ def read_feature_columns(uri: str, columns: tuple[str, ...] = ("image_id", "capt
             out[name] = _fixed_list(col)
         elif name == "input_ids":
             out[name] = [np.asarray(x, np.int64) for x in col.to_pylist()]
-        else:
-            out[name] = [str(x) for x in col.to_pylist()]
+        else:   # strings; a missing url or key (no img2dataset source) reads as ""
+            out[name] = ["" if x is None else str(x) for x in col.to_pylist()]
     return out
 
 
@@ -61,7 +63,7 @@ def features_from_raw(uri: str, model, batch_size: int = 64) -> dict[str, Any]:
 
     ensure_ray()
     ds = read_image_text(uri, model.config.data, model.preprocessor)
-    cols: dict[str, list] = {"image_id": [], "caption": [], "input_ids": [], "text_features": [],
+    cols: dict[str, list] = {"image_id": [], "caption": [], "url": [], "input_ids": [], "text_features": [],
                              "image_features": []}
     backbone = model.backbone
     with torch.no_grad():
@@ -73,6 +75,7 @@ def features_from_raw(uri: str, model, batch_size: int = 64) -> dict[str, Any]:
                 backbone.image_features(torch.as_tensor(np.asarray(b["pixels"]), dtype=torch.float32)).float().numpy())
             cols["image_id"] += [str(x) for x in b["image_id"]]
             cols["caption"] += [str(x) for x in b["caption"]]
+            cols["url"] += ["" if x is None else str(x) for x in b["url"]]
             cols["input_ids"] += [r[m.astype(bool)] for r, m in zip(ids.numpy(), mask.numpy())]
     if not cols["image_id"]:
         raise ValueError(f"no valid samples in {uri}")
@@ -81,10 +84,11 @@ def features_from_raw(uri: str, model, batch_size: int = 64) -> dict[str, Any]:
     return cols
 
 
-def load_split(uri: str, model=None) -> dict[str, Any]:
-    """Feature columns of a split: feature shards directly, raw shards through the backbone."""
+def load_split(uri: str, model=None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Feature columns of a split: feature shards directly, raw shards through the backbone.
+    ``extra``: more feature-shard columns to read when present (e.g. ``url``; raw shards give ``url``)."""
     if is_feature_dir(uri):
-        return read_feature_columns(uri)
+        return read_feature_columns(uri, FEATURE_SPLIT_COLUMNS + tuple(extra))
     if model is None:
         raise ValueError(f"{uri} holds raw image-text shards; a model (backbone) is needed")
     return features_from_raw(uri, model)

@@ -25,8 +25,9 @@ from sdray import storage
 log = logging.getLogger("pipelines.export")
 
 
-def unique_items(cols: dict[str, Any], side: str) -> tuple[list[str], list[str], list[str], np.ndarray]:
-    """``(ids, image_ids, captions, features)`` with one row per unique image or caption."""
+def unique_items(cols: dict[str, Any], side: str) -> tuple[list[str], list[str], list[str], list[str], np.ndarray]:
+    """``(ids, image_ids, captions, urls, features)`` with one row per unique image or caption
+    (its first row; ``urls`` are "" where the corpus has none)."""
     from pipelines.index import caption_id
 
     key = "image_id" if side == "images" else "caption"
@@ -36,9 +37,10 @@ def unique_items(cols: dict[str, Any], side: str) -> tuple[list[str], list[str],
     rows = list(first.values())
     image_ids = [cols["image_id"][r] for r in rows]
     captions = [cols["caption"][r] for r in rows]
+    urls = [cols["url"][r] for r in rows] if "url" in cols else [""] * len(rows)
     ids = image_ids if side == "images" else [caption_id(c) for c in captions]
     feats = cols["image_features" if side == "images" else "text_features"][rows]
-    return ids, image_ids, captions, feats
+    return ids, image_ids, captions, urls, feats
 
 
 def encode_features(model, feats: np.ndarray, side: str, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -64,10 +66,10 @@ def export(model_uri: str, corpus: str, out: str, side: str = "images", n_terms:
     from sdray.model import RetrievalModel
 
     model = RetrievalModel.load(model_uri)
-    cols = load_split(corpus, model)
-    ids, image_ids, captions, feats = unique_items(cols, side)
+    cols = load_split(corpus, model, extra=("url",))
+    ids, image_ids, captions, urls, feats = unique_items(cols, side)
     dense, sparse = encode_features(model, feats, side)
-    table = vectors_table(ids, image_ids, captions, None, dense, sparse, model.vocabulary, n_terms,
+    table = vectors_table(ids, image_ids, captions, urls, dense, sparse, model.vocabulary, n_terms,
                           meta={"side": side, "model": model_uri, "corpus": corpus})
     storage.write_bytes(out, to_parquet_bytes(table))
     nnz = float(np.mean([len(x) for x in table.column("sparse_indices").to_pylist()])) if len(ids) else 0.0
@@ -87,8 +89,9 @@ def export_index(index: str, out: str, side: str = "images", n_terms: int = 10) 
     shards = retriever.shards.get(side, [])
     dense = np.concatenate([sh.dense.vectors(np.arange(len(sh))) for sh in shards])
     sparse = concat([sh.docs for sh in shards])
-    meta = {k: [str(x) for sh in shards for x in sh.meta[k]] for k in ("id", "image_id", "caption")}
-    table = vectors_table(meta["id"], meta["image_id"], meta["caption"], None, dense, sparse,
+    meta = {k: ["" if x is None else str(x) for sh in shards for x in sh.meta[k]]
+            for k in ("id", "image_id", "caption", "url")}
+    table = vectors_table(meta["id"], meta["image_id"], meta["caption"], meta["url"], dense, sparse,
                           retriever.vocabulary, n_terms,
                           meta={"side": side, "index": index, "version": retriever.manifest.get("version"),
                                 "model": retriever.manifest.get("model")})

@@ -2,7 +2,10 @@
 
     sdray index list INDEX_ROOT [--json]
     sdray index rollback VERSION INDEX_ROOT
-    sdray index gc --keep N INDEX_ROOT [--dry-run]
+    sdray index gc --keep N INDEX_ROOT [--dry-run] [--config FILE] [--set KEY=VALUE]
+
+gc keeps versions that readers lease (a running ``sdray serve``) and young versions:
+:class:`sdray.index.leases.LeaseConfig` (``--set min_age_s=0``, ``--set clock_skew_s=120``).
 
 ``sdray index --model ... --corpus ... --out ...`` (building an index) is pipelines/index.py;
 pipelines/cli.py routes here when the first argument is one of :data:`ACTIONS`.
@@ -33,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="INDEX_ROOT", help="index root (folder or s3:// prefix)")
     p.add_argument("--keep", type=int, required=True, help="published versions to keep (newest first)")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.add_argument("--config", default=None, help="YAML/JSON file of LeaseConfig fields (min_age_s, "
+                   "clock_skew_s, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="LeaseConfig override, e.g. --set min_age_s=0 (repeatable; after --config)")
 
 
 def _table(versions) -> str:
@@ -55,7 +62,16 @@ def main(args: argparse.Namespace) -> int:
         pointer = ver.rollback(args.root, args.version)
         print(f"{args.root}: current version is now {pointer['version']}")
     else:
-        removed = ver.gc(args.root, args.keep, dry_run=args.dry_run)
+        result = ver.gc(args.root, args.keep, dry_run=args.dry_run, config=_lease_config(args))
         verb = "would delete" if args.dry_run else "deleted"
-        print(f"{args.root}: {verb} {len(removed)} version(s)" + ("".join(f"\n  {v}" for v in removed)))
+        print(f"{args.root}: {verb} {len(result.deleted)} version(s)"
+              + "".join(f"\n  {v}" for v in result.deleted)
+              + "".join(f"\n  kept {v}: {why}" for v, why in result.kept.items()))
     return 0
+
+
+def _lease_config(args: argparse.Namespace):
+    from pipelines.config_show import _read, apply_sets
+    from sdray.index.leases import LeaseConfig
+
+    return LeaseConfig.model_validate(apply_sets(_read(args.config), args.set))

@@ -66,7 +66,7 @@ def build_app(args: dict | ServeConfig):
             knobs = knobs.model_copy(update={"memory_bytes": memory[i]})
         searchers.append(ShardSearcher.options(name=f"ShardSearcher{i}", **knobs.options()).bind(
             cfg.index, i, groups, cfg.poll_interval_s, cfg.app_name, 4, cfg.mmap, cfg.shard_cache_dir,
-            cfg.faiss_gpu))
+            cfg.faiss_gpu, cfg.leases.model_dump()))
     return Ingress.options(**cfg.ingress.options()).bind(cfg.model_dump(), encoder, searchers)
 
 

@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sdray.index.leases import LeaseConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -151,6 +153,9 @@ class ServeConfig(_Strict):
                                    "read for hot swaps; 0 disables hot swap.")
     swap_grace_s: float = Field(1.0, ge=0, description="Wait after a new version appears before "
                                 "the ingress switches (searchers preload meanwhile).")
+    leases: LeaseConfig = Field(LeaseConfig(), description="Index-version leases every shard "
+                                "searcher replica writes for the versions it holds (ttl_s, renew_s); "
+                                "`sdray index gc` keeps leased versions.")
     request_timeout_s: float = Field(30.0, gt=0, description="One deadline per request across "
                                      "encoding, search and explanation; past it: 504.")
 

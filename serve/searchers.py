@@ -15,6 +15,11 @@ Hot swap, without a request ever waiting for a load:
    (one that reported within ``3 × heartbeat``) holds it, then marks it served on the board;
 4. replicas then drop versions other than the served and newest one, and a replica starting
    during a swap loads both the served and the newest version before it takes traffic.
+
+Every replica also leases each version it holds under the index root
+(:mod:`sdray.index.leases`: written before loading, renewed every ``leases.renew_s`` by its own
+thread, deleted when the version is dropped), so ``sdray index gc`` never deletes a version a
+replica still serves or may be asked to load, on local disk and on S3 alike.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 import ray
 from ray import serve
 
+from sdray.index.leases import LeaseConfig, LeaseHolder
 from serve.shard_group import Fusion, ShardGroup, current_version, resolve_root
 
 log = logging.getLogger("sdray.serve")
@@ -86,15 +92,17 @@ class ShardSearcher:
 
     def __init__(self, index: str, group: int, groups: int, poll_interval_s: float = 5.0,
                  app_name: str = "sdray", threads: int = 4, mmap: bool = True,
-                 cache_dir: str | None = None, faiss_gpu: bool = False):
+                 cache_dir: str | None = None, faiss_gpu: bool = False, leases: dict | None = None):
         self.root, self.pinned = resolve_root(index)
-        self.group = ShardGroup(self.root, group, groups, threads=threads, mmap=mmap,
-                                cache_dir=cache_dir, faiss_gpu=faiss_gpu)
-        self.heartbeat_s = min(poll_interval_s, 2.0) if poll_interval_s > 0 else 0.0
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests)
             self.replica = f"local-{id(self)}"
+        lease_cfg = LeaseConfig.model_validate(leases or {})
+        self.leases = LeaseHolder(self.root, f"{app_name}-group{group}-{self.replica}", lease_cfg)
+        self.group = ShardGroup(self.root, group, groups, threads=threads, mmap=mmap,
+                                cache_dir=cache_dir, faiss_gpu=faiss_gpu, leases=self.leases)
+        self.heartbeat_s = min(poll_interval_s, 2.0) if poll_interval_s > 0 else 0.0
         self.board = get_board(app_name, self.root) if self.heartbeat_s else None
         served = ray.get(self.board.served.remote()) if self.board is not None else None
         newest = current_version(self.root, self.pinned)
@@ -104,9 +112,20 @@ class ShardSearcher:
         self.grace_s = 2 * poll_interval_s + 10.0  # other ingress replicas catch up meanwhile
         self._served_since: tuple[str | None, float] = (served, time.monotonic())
         self._stop = threading.Event()
+        threading.Thread(target=self._renew_leases, name="lease-renew", daemon=True).start()
         if self.board is not None:
             self._report()
             threading.Thread(target=self._poll, name="shard-poll", daemon=True).start()
+
+    def _renew_leases(self) -> None:
+        """Rewrite this replica's leases every ``renew_s`` (also without hot swap polling)."""
+        every = max(0.5, min(self.leases.config.renew_s / 4, 5.0))
+        while not self._stop.wait(every):
+            try:
+                self.leases.renew()
+            except Exception:  # noqa: BLE001 - retried next round; the lease lives ttl_s meanwhile
+                log.exception("shard group %s: renewing index version leases failed (they expire after "
+                              "%.0f s without renewal)", self.group.group, self.leases.config.ttl_s)
 
     def _report(self) -> str | None:
         return ray.get(self.board.report.remote(self.group.group, self.replica, self.group.versions()))

@@ -24,6 +24,7 @@ the global candidate set. Ties break on ``doc_no`` (the global row), like the in
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -37,7 +38,10 @@ from sdray.fusion import FusionConfig, fuse_candidates
 from sdray.index import manifest as mf
 from sdray.index.config import IndexConfig
 from sdray.index.csr import CSR
+from sdray.index.leases import LeaseHolder
 from sdray.index.shard import Shard
+
+log = logging.getLogger("sdray.serve")
 
 SIDE_FOR = {"t2i": "images", "i2t": "captions"}
 
@@ -189,12 +193,17 @@ def merge(parts: list[dict], mode: str, k: int, fusion: Fusion, candidates: int)
 
 
 class ShardGroup:
-    """The shards of one group, per version, loaded on demand and kept for ``keep_versions``."""
+    """The shards of one group, per version, loaded on demand and kept for ``keep_versions``.
+
+    With ``leases`` (a :class:`~sdray.index.leases.LeaseHolder`) it leases a version before
+    loading it and releases the lease when it drops the version, so ``sdray index gc`` keeps
+    every version held here."""
 
     def __init__(self, root: str, group: int, n_groups: int, keep_versions: int = 2,
                  config: IndexConfig | None = None, threads: int = 4, mmap: bool = True,
-                 cache_dir: str | None = None, faiss_gpu: bool = False):
+                 cache_dir: str | None = None, faiss_gpu: bool = False, leases: LeaseHolder | None = None):
         self.root = root
+        self.leases = leases
         self.group = group
         self.n_groups = n_groups
         self.keep_versions = keep_versions
@@ -231,6 +240,8 @@ class ShardGroup:
                 return got
             self._evict(room_for=1)
             try:
+                if self.leases is not None:
+                    self.leases.hold(version)  # before reading anything: gc now keeps it
                 manifest = mf.load_manifest(self.root, version)
                 cfg = self.config or index_config(manifest)
                 shards: dict[int, dict[str, Shard]] = {}
@@ -240,6 +251,7 @@ class ShardGroup:
                                  for side, info in entry["sides"].items()}
             except Exception as err:
                 self._errors[version] = f"{type(err).__name__}: {err}"
+                self._release(version)
                 raise
             self._errors.pop(version, None)
             self._versions[version] = shards
@@ -262,12 +274,25 @@ class ShardGroup:
                 return
             if v not in self.protected:
                 del self._versions[v]
+                self._release(v)
+
+    def _release(self, version: str) -> None:
+        """Release the lease of a dropped version. A failed delete is logged, not raised: the
+        version is already dropped, the lease is no longer renewed and expires after its TTL."""
+        if self.leases is None:
+            return
+        try:
+            self.leases.release(version)
+        except OSError as err:
+            log.warning("shard group %s: could not release the lease on %s (%s); it expires in %.0f s",
+                        self.group, version, err, self.leases.config.ttl_s)
 
     def keep_only(self, versions: set[str]) -> None:
         """Drop every loaded version not in ``versions`` (after a swap has finished)."""
         with self._lock:
             for v in [v for v in self._versions if v not in versions]:
                 del self._versions[v]
+                self._release(v)
 
     def search(self, version: str, direction: str, dense_q, sparse_ids, sparse_vals, mode: str, k: int,
                candidates: int, fusion: Fusion, explain: int) -> list[dict]:

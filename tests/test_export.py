@@ -17,6 +17,11 @@ from sdray.model import RetrievalModel
 N_IMAGES, CAPTIONS_PER_IMAGE, N_QUERIES, K = 120, 2, 20, 10
 
 
+def _url(image_id: str) -> str | None:
+    """img2dataset-style source URLs for even images; odd ones have none (a corpus without urls)."""
+    return f"https://example.test/{image_id}.jpg" if int(image_id[3:]) % 2 == 0 else None
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny model, feature shards of N_IMAGES images x 2 captions, and both sides exported."""
@@ -38,7 +43,7 @@ def exported(tmp_path_factory):
         part = rows[shard::2]
         table = pa.table({
             "sample_id": [r["sample_id"] for r in part], "image_id": [r["image_id"] for r in part],
-            "caption": [r["caption"] for r in part],
+            "caption": [r["caption"] for r in part], "url": [_url(r["image_id"]) for r in part],
             "input_ids": pa.array([r["input_ids"] for r in part], pa.list_(pa.int32())),
             "text_features": pa.FixedSizeListArray.from_arrays(
                 pa.array(np.concatenate([r["text_features"] for r in part])), model.backbone.text_dim),
@@ -58,10 +63,12 @@ def test_export_table_has_every_column_and_exact_vectors(exported):
     assert table.num_rows == N_IMAGES and meta["side"] == "images"
     assert meta["dense_dim"] == model.backbone.proj_dim and meta["vocab_size"] == len(model.vocabulary)
     assert table.column("id").to_pylist() == table.column("image_id").to_pylist()
-    assert set(table.column("url").to_pylist()) == {""}
+    urls = dict(zip(table.column("image_id").to_pylist(), table.column("url").to_pylist()))
+    assert urls == {iid: _url(iid) or "" for iid in urls} and sum(map(bool, urls.values())) == N_IMAGES // 2
     ids = table.column("image_id").to_pylist()
     assert len(set(ids)) == N_IMAGES
     caps, _ = read_vectors((tmp / "captions.parquet").read_bytes())
+    assert [u or "" for u in map(_url, caps.column("image_id").to_pylist())] == caps.column("url").to_pylist()
     assert caps.num_rows == N_IMAGES * CAPTIONS_PER_IMAGE and len(set(caps.column("id").to_pylist())) == caps.num_rows
     row = table.slice(3, 1).to_pylist()[0]
     idx, val = np.array(row["sparse_indices"]), np.array(row["sparse_values"], np.float32)
@@ -152,7 +159,7 @@ def test_export_from_an_index_gives_the_stored_vectors(exported):
     ids = [r["id"] for r in rows]
     data = ShardData(dense=np.array([r["dense"] for r in rows], np.float32), sparse=sparse, ids=ids,
                      image_ids=ids, captions=[r["caption"] for r in rows], uris=[None] * len(rows),
-                     vocab_size=len(model.vocabulary))
+                     urls=[r["url"] or None for r in rows], vocab_size=len(model.vocabulary))
     build_index(str(tmp / "index"), {"images": data}, n_shards=3, vocabulary=model.vocabulary)
     assert cli_main(["export", "--index", str(tmp / "index"), "--out", str(tmp / "from-index.parquet")]) == 0
     got, meta = read_vectors((tmp / "from-index.parquet").read_bytes())
@@ -162,5 +169,6 @@ def test_export_from_an_index_gives_the_stored_vectors(exported):
     for r in rows:
         g = by_id[r["id"]]
         assert g["sparse_indices"] == r["sparse_indices"] and g["top_terms"][:5] == r["top_terms"]
+        assert g["url"] == r["url"]
         assert np.allclose(g["dense"], r["dense"]) and np.allclose(g["sparse_values"], r["sparse_values"])
     assert cli_main(["export", "--index", str(tmp / "index"), "--model", "m", "--out", "x"]) == 3

@@ -4,7 +4,8 @@ Generated images are served over HTTP on 127.0.0.1 from this test; two URLs answ
 downloads upstream). img2dataset (the CLI, as docs/guide.md gives it) downloads the list once
 as ``webdataset`` and once as ``parquet``; ``sdray featurize`` on the root holding both must keep
 every downloaded sample, read no sidecar as a shard, count the failed rows, and keep ``url`` and
-``key`` in the feature shards.
+``key`` in the feature shards; ``sdray export`` of those features, and of an index built from
+them, carries each image's source ``url``.
 """
 
 from __future__ import annotations
@@ -76,9 +77,16 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_both_formats_read_whole(ray_session, downloads, tmp_path):
-    from pipelines.datasets import list_shards
+@pytest.fixture(scope="module")
+def featurized(ray_session, downloads, tmp_path_factory):
     from pipelines.featurize import featurize
+
+    out = str(tmp_path_factory.mktemp("img2dataset-feat") / "feat")
+    return out, featurize(downloads["root"], out, BackboneConfig(image_size=32), batch_size=8, progress=False)
+
+
+def test_both_formats_read_whole(downloads, featurized):
+    from pipelines.datasets import list_shards
 
     root = downloads["root"]
     files = sorted(os.path.relpath(os.path.join(d, f), root)
@@ -89,8 +97,7 @@ def test_both_formats_read_whole(ray_session, downloads, tmp_path):
     shards = [s[len(root) + 1:] for s in list_shards(root)]
     assert all(s.startswith("parquet/") or s.endswith(".tar") for s in shards), shards
 
-    m = featurize(root, str(tmp_path / "feat"), BackboneConfig(image_size=32), batch_size=8,
-                  progress=False)
+    _, m = featurized
     assert m["n_samples"] == 2 * N_OK
     # failed rows are in img2dataset's parquet output; both formats' stats count them
     assert m["skips"] == {"download_failed": N_MISSING}
@@ -107,3 +114,24 @@ def test_both_formats_read_whole(ray_session, downloads, tmp_path):
                    for s, k in zip(sids, keys)), sids
         caps = t.column("caption").to_pylist()
         assert all(c.startswith("a generated picture number") for c in caps)
+
+
+def test_export_and_index_keep_source_urls(ray_session, downloads, featurized, tmp_path):
+    from pipelines.cli import main as cli_main
+    from pipelines.index import run_index
+    from sdray.config import from_dict
+    from sdray.export import read_vectors
+    from sdray.model import RetrievalModel
+
+    feats, _ = featurized
+    model = str(tmp_path / "model")
+    RetrievalModel.create(from_dict({"backbone": {"image_size": 32}})).save(model)
+    want = sorted(downloads["urls"][:N_OK])
+    run_index(model, feats, str(tmp_path / "index"), shards=2, progress=False)
+    for how in (["--model", model, "--corpus", feats], ["--index", str(tmp_path / "index")]):
+        for side in ("images", "captions"):
+            out = str(tmp_path / f"{how[0][2:]}-{side}.parquet")
+            assert cli_main(["export", *how, "--side", side, "--out", out]) == 0
+            table, _ = read_vectors(storage.read_bytes(out))
+            # both img2dataset formats downloaded the same images: one row per image (and caption)
+            assert sorted(table.column("url").to_pylist()) == want, (how[0], side)

@@ -44,6 +44,7 @@ class Hit:
     image_id: str | None = None
     caption: str | None = None
     uri: str | None = None
+    url: str | None = None
     doc_no: int = -1
     shard: int = -1
     row: int = -1
@@ -55,6 +56,7 @@ class Hit:
             "image_id": self.image_id,
             "caption": self.caption,
             "uri": self.uri,
+            "url": self.url,
             "score": self.score,
             "scores": self.scores,
             "explanation": self.explanation,
@@ -312,6 +314,7 @@ class Retriever:
             image_id=meta["image_id"],
             caption=meta["caption"],
             uri=meta["uri"],
+            url=meta.get("url"),
             doc_no=int(shard.doc_no[row]),
             shard=self.shard_ids[side][si],
             row=row,

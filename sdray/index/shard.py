@@ -7,7 +7,7 @@ Files under ``<shard>/<side>/`` (side = ``images`` or ``captions``)::
     sparse.indptr.npy    CSR of the stored sparse vectors (exact rescoring, explanations, fallback)
     sparse.indices.npy
     sparse.values.npy
-    meta.parquet         id, image_id, caption, uri, doc_no (global row, the tie-break)
+    meta.parquet         id, image_id, caption, uri, url, doc_no (global row, the tie-break)
     shard.json           counts, dims and {file: {sha256, bytes}}; written last = shard complete
 
 No pickle anywhere: ``.npy`` is read with ``allow_pickle=False``.
@@ -61,6 +61,8 @@ class ShardData:
     ``dense (n, D)`` float32 L2-normalised; ``sparse`` a :class:`CSR` (or anything
     :func:`~sdray.index.csr.to_csr` takes) of ``n`` rows; ``ids`` unique strings; ``doc_no`` a
     global row number used to break score ties identically however the corpus is sharded.
+    ``uris`` locate a document's image for the image route (``<raw shard>#<key>``); ``urls`` are
+    its source URLs (img2dataset's ``url``), ``None`` when unknown.
     """
 
     dense: np.ndarray
@@ -71,6 +73,7 @@ class ShardData:
     uris: list[str | None] | None = None
     doc_no: np.ndarray | None = None
     vocab_size: int | None = None
+    urls: list[str | None] | None = None
 
     def __post_init__(self) -> None:
         if hasattr(self.dense, "detach"):
@@ -85,7 +88,7 @@ class ShardData:
         if len(set(self.ids)) != n:
             raise ValueError("document ids must be unique")
         self.ids = [str(i) for i in self.ids]
-        for name in ("image_ids", "captions", "uris"):
+        for name in ("image_ids", "captions", "uris", "urls"):
             col = getattr(self, name)
             if col is None:
                 setattr(self, name, [None] * n)
@@ -121,7 +124,8 @@ class Shard:
         config = config or IndexConfig()
         dense = DenseIndex.build(data.dense, config.dense)
         sparse = build_sparse(data.sparse, config.sparse, threads=config.threads)
-        meta = {"id": data.ids, "image_id": data.image_ids, "caption": data.captions, "uri": data.uris}
+        meta = {"id": data.ids, "image_id": data.image_ids, "caption": data.captions, "uri": data.uris,
+                "url": data.urls}
         return cls(dense, sparse, data.sparse, meta, data.doc_no, config, name)
 
     # ---- search (all scores returned by score_* are exact) -------------------------------
@@ -180,6 +184,7 @@ class Shard:
                 "image_id": pa.array(self.meta["image_id"], pa.string()),
                 "caption": pa.array(self.meta["caption"], pa.string()),
                 "uri": pa.array(self.meta["uri"], pa.string()),
+                "url": pa.array(self.meta["url"], pa.string()),
                 "doc_no": pa.array(self.doc_no, pa.int64()),
             }
         )
@@ -315,6 +320,8 @@ class Shard:
                 f"manifest {expected.get('count')})"
             )
         meta = {c: table.column(c).to_pylist() for c in ("id", "image_id", "caption", "uri")}
+        # ``url`` arrived after format 1's first shards: older shards have none
+        meta["url"] = table.column("url").to_pylist() if "url" in table.column_names else [None] * n
         doc_no = table.column("doc_no").to_numpy().astype(np.int64)
         return cls(dense, sparse, docs, meta, doc_no, config, name)
 

@@ -10,17 +10,25 @@ version a build is writing (resumable).
   a publish does (same pointer format: version + the manifest's sha256), so a running
   ``sdray serve`` picks it up at its next poll like any new version.
 - :func:`gc`: delete all but the ``keep`` newest published versions and abandoned partial ones;
-  never the current version nor the one ``_building.json`` names.
+  never the current version nor the one ``_building.json`` names, nor a version a reader holds
+  a fresh lease on (a Serve replica still serving it after a rollback or publish, a pinned
+  deployment; :mod:`sdray.index.leases`), nor one younger than ``LeaseConfig.min_age_s``. Just
+  before deleting a version it re-reads the pointer, the build marker and that version's
+  leases; it deletes the manifest first (readers then see an unpublished version, not a torn
+  one), then the folder, then the version's leases.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import re
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 
 from sdray import storage
 from sdray.index import manifest as mf
+from sdray.index.leases import LeaseConfig, drop_leases, fresh_holders, read_leases
 from sdray.index.shard import IndexFileError, read_index_json, sha256
 
 VERSION_RE = re.compile(r"^v\d{8}T\d{6}Z-[0-9a-f]+$")
@@ -115,17 +123,71 @@ def plan_gc(versions: list[VersionInfo], keep: int) -> list[str]:
             if not (v.current or v.building or v.version in kept)]
 
 
-def gc(root: str, keep: int, dry_run: bool = False) -> list[str]:
-    """Delete what :func:`plan_gc` selects (nothing when ``dry_run``); returns the version names."""
-    doomed = plan_gc(list_versions(root), keep)
+@dataclass
+class GcResult:
+    """What :func:`gc` deleted (or would delete, dry run) and what it kept past ``keep``, and why."""
+
+    deleted: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+
+def _created_at(info: VersionInfo) -> float:
+    """Unix time a version was published (manifest ``created``), else when its build started
+    (the name's timestamp)."""
+    if info.created:
+        try:
+            return _dt.datetime.fromisoformat(info.created).timestamp()
+        except ValueError as err:
+            raise IndexFileError(f"{info.version}: unreadable manifest 'created' ({info.created!r})") from err
+    stamp = _dt.datetime.strptime(info.version[1:16], "%Y%m%dT%H%M%S")
+    return stamp.replace(tzinfo=_dt.timezone.utc).timestamp()
+
+
+def _why_kept(info: VersionInfo, leases: list, now: float, cfg: LeaseConfig) -> str | None:
+    if leases:
+        holders = ", ".join(sorted(x.holder for x in leases)[:3]) + (" ..." if len(leases) > 3 else "")
+        return f"leased by {len(leases)} reader(s): {holders}"
+    age = now - _created_at(info)
+    if age < cfg.min_age_s:
+        return f"{age:.0f} s old, younger than min_age_s={cfg.min_age_s:.0f}"
+    return None
+
+
+def gc(root: str, keep: int, dry_run: bool = False, config: LeaseConfig | None = None,
+       now: float | None = None) -> GcResult:
+    """Delete what :func:`plan_gc` selects, except versions a fresh lease or the age grace
+    protects (nothing when ``dry_run``). ``now``: unix time (tests)."""
+    cfg = config or LeaseConfig()
+    clock = (lambda: now) if now is not None else time.time
+    versions = {v.version: v for v in list_versions(root)}
+    held = fresh_holders(read_leases(root), clock(), cfg.clock_skew_s)
+    result = GcResult()
+    doomed = []
+    for name in plan_gc(list(versions.values()), keep):
+        why = _why_kept(versions[name], held.get(name, []), clock(), cfg)
+        if why:
+            result.kept[name] = why
+        else:
+            doomed.append(name)
     if dry_run:
-        return doomed
+        result.deleted = doomed
+        return result
     fs, path = storage.filesystem(root)
-    building = _building_version(root)  # re-read just before deleting: a build may have started
-    current = mf.current_version(root)
     for name in doomed:
-        if name in (building, current):
+        # re-read just before deleting: a build may have started, a rollback or a reader come in
+        if name in (_building_version(root), mf.current_version(root)):
+            result.kept[name] = "became current or building during gc"
             continue
+        why = _why_kept(versions[name], fresh_holders(read_leases(root, name), clock(), cfg.clock_skew_s)
+                        .get(name, []), clock(), cfg)
+        if why:
+            result.kept[name] = why
+            continue
+        manifest = f"{path}/{name}/{mf.MANIFEST}"
+        if fs.exists(manifest):
+            fs.rm(manifest)
         fs.rm(f"{path}/{name}", recursive=True)
+        drop_leases(root, name)
+        result.deleted.append(name)
     fs.invalidate_cache()
-    return [n for n in doomed if n not in (building, current)]
+    return result
