@@ -100,13 +100,47 @@ def _same_ranking(got: list[tuple[str, float]], want: list[str], scores: dict[st
         {g for g, _ in got} - set(want) <= {g for g, _ in got if tie(g, want[-1])}
 
 
+def _queries_and_exact_scores(tmp):
+    """The images table's rows, the first N_QUERIES exported captions (encoded as sdray encodes
+    queries) and sdray's exact dense and sparse scores of every query against every image."""
+    table, meta = read_vectors((tmp / "images.parquet").read_bytes())
+    rows = table.to_pylist()
+    queries, _ = read_vectors((tmp / "captions.parquet").read_bytes())
+    queries = queries.slice(0, N_QUERIES).to_pylist()
+
+    def densify(items):
+        out = np.zeros((len(items), meta["vocab_size"]), np.float32)
+        for i, r in enumerate(items):
+            out[i, r["sparse_indices"]] = r["sparse_values"]
+        return out
+
+    doc_dense = np.array([r["dense"] for r in rows], np.float32)
+    q_dense = np.array([q["dense"] for q in queries], np.float32)
+    scores = {"dense": q_dense @ doc_dense.T, "sparse": densify(queries) @ densify(rows).T}
+    for field, s in scores.items():
+        assert (np.sort(s, 1)[:, -K] > 0).all(), f"{field}: fewer than {K} positive scores"
+    return rows, meta, queries, scores
+
+
+def _check_engine_top_k(search, rows, queries, scores) -> None:
+    """``search(field, queries) -> [[(id, score)] * K] * N_QUERIES`` ranks like sdray's exact top K."""
+    ids = [r["id"] for r in rows]
+    for field in ("dense", "sparse"):
+        want = _exact_topk(scores[field], ids, K)
+        got_all = search(field, queries)
+        for qi in range(N_QUERIES):
+            got = got_all[qi]
+            by_id = dict(zip(ids, scores[field][qi].tolist()))
+            assert _same_ranking(got, want[qi], by_id), (field, qi, got, want[qi])
+            assert np.allclose([d for _, d in got], [by_id[g] for g, _ in got], rtol=1e-4, atol=1e-5)
+
+
 def test_milvus_lite_round_trip_ranks_like_sdray(exported):
-    pymilvus = pytest.importorskip("pymilvus")
+    pytest.importorskip("pymilvus")
     from pymilvus import DataType, MilvusClient
 
     tmp, model = exported
-    table, meta = read_vectors((tmp / "images.parquet").read_bytes())
-    rows = table.to_pylist()
+    rows, meta, queries, scores = _queries_and_exact_scores(tmp)
     client = MilvusClient(str(tmp / "milvus.db"))
     schema = MilvusClient.create_schema(auto_id=False)
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=128)
@@ -120,30 +154,50 @@ def test_milvus_lite_round_trip_ranks_like_sdray(exported):
                               "sparse": dict(zip(r["sparse_indices"], r["sparse_values"]))} for r in rows])
     client.load_collection("images")
 
-    # queries: the first N_QUERIES exported captions, encoded as sdray encodes them
-    queries, _ = read_vectors((tmp / "captions.parquet").read_bytes())
-    queries = queries.slice(0, N_QUERIES).to_pylist()
-    ids = [r["id"] for r in rows]
-    doc_dense = np.array([r["dense"] for r in rows], np.float32)
-    doc_sparse = np.zeros((len(rows), meta["vocab_size"]), np.float32)
-    for i, r in enumerate(rows):
-        doc_sparse[i, r["sparse_indices"]] = r["sparse_values"]
-    q_dense = np.array([q["dense"] for q in queries], np.float32)
-    q_sparse = np.zeros((N_QUERIES, meta["vocab_size"]), np.float32)
-    for i, q in enumerate(queries):
-        q_sparse[i, q["sparse_indices"]] = q["sparse_values"]
-    for field, q_vecs, scores in (
-        ("dense", [q["dense"] for q in queries], q_dense @ doc_dense.T),
-        ("sparse", [dict(zip(q["sparse_indices"], q["sparse_values"])) for q in queries], q_sparse @ doc_sparse.T),
-    ):
-        assert (np.sort(scores, 1)[:, -K] > 0).all(), f"{field}: fewer than {K} positive scores"
-        want = _exact_topk(scores, ids, K)
-        res = client.search("images", q_vecs, anns_field=field, limit=K, search_params={"metric_type": "IP"})
-        for qi in range(N_QUERIES):
-            got = [(h["id"], h["distance"]) for h in res[qi]]
-            by_id = dict(zip(ids, scores[qi].tolist()))
-            assert _same_ranking(got, want[qi], by_id), (field, qi, got, want[qi])
-            assert np.allclose([d for _, d in got], [by_id[g] for g, _ in got], rtol=1e-4, atol=1e-5)
+    def search(field, qs):
+        vecs = [q["dense"] for q in qs] if field == "dense" else \
+            [dict(zip(q["sparse_indices"], q["sparse_values"])) for q in qs]
+        res = client.search("images", vecs, anns_field=field, limit=K, search_params={"metric_type": "IP"})
+        return [[(h["id"], h["distance"]) for h in hits] for hits in res]
+
+    _check_engine_top_k(search, rows, queries, scores)
+    client.close()
+
+
+def test_qdrant_local_round_trip_ranks_like_sdray(exported):
+    """The guide's Qdrant recipe (named dense + sparse vectors) on qdrant-client's local mode."""
+    pytest.importorskip("qdrant_client")
+    import uuid
+
+    from qdrant_client import QdrantClient, models
+
+    tmp, _ = exported
+    rows, meta, queries, scores = _queries_and_exact_scores(tmp)
+    client = QdrantClient(path=str(tmp / "qdrant"))
+    client.create_collection(
+        "images",
+        vectors_config={"dense": models.VectorParams(size=meta["dense_dim"], distance=models.Distance.DOT)},
+        sparse_vectors_config={"sparse": models.SparseVectorParams()},
+    )
+    client.upsert("images", [models.PointStruct(
+        id=str(uuid.uuid5(uuid.NAMESPACE_URL, r["id"])),
+        vector={"dense": r["dense"],
+                "sparse": models.SparseVector(indices=r["sparse_indices"], values=r["sparse_values"])},
+        payload={"id": r["id"], "image_id": r["image_id"], "caption": r["caption"], "url": r["url"],
+                 "top_terms": r["top_terms"]},
+    ) for r in rows])
+    assert client.count("images").count == len(rows)
+
+    def search(field, qs):
+        out = []
+        for q in qs:
+            vec = q["dense"] if field == "dense" else \
+                models.SparseVector(indices=q["sparse_indices"], values=q["sparse_values"])
+            hits = client.query_points("images", query=vec, using=field, limit=K, with_payload=True).points
+            out.append([(h.payload["id"], h.score) for h in hits])
+        return out
+
+    _check_engine_top_k(search, rows, queries, scores)
     client.close()
 
 
