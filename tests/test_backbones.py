@@ -56,6 +56,12 @@ def test_packaged_dims_and_vocabulary(packaged):
     assert packaged.word_embeddings().shape == (30522, 384)
     vocab = packaged.preprocessor.vocabulary
     assert len(vocab) == 30522 and vocab[101] == "[CLS]" and vocab[vocab.index("cat")] == "cat"
+    # sparse dimension j is token id j: the names top_terms/explanations give are the tokens the
+    # tokenizer produces (and the rows of the word embeddings the projector is copied from)
+    enc = packaged.preprocessor.texts(["a red circle", "unreadable"])
+    names = [[vocab[int(t)] for t, m in zip(ids, mask) if m] for ids, mask in
+             zip(enc["input_ids"], enc["attention_mask"])]
+    assert names == [["[CLS]", "a", "red", "circle", "[SEP]"], ["[CLS]", "un", "##rea", "##dable", "[SEP]"]]
 
 
 def test_packaged_image_normalisation_is_tflite_convention():
