@@ -176,3 +176,5 @@ class ShardSearcher:
             self._stop.set()
         if getattr(self, "board", None) is not None:
             self.board.leave.remote(self.group.group, self.replica)
+        if getattr(self, "group", None) is not None:
+            self.group.keep_only(set())  # releases this replica's leases (failures: logged, they expire)

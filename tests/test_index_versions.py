@@ -169,5 +169,7 @@ def test_gc_keeps_what_a_shard_searcher_replica_holds(tmp_path):
         assert ver.gc(root, 1, config=cfg).deleted == [VERSIONS[0]]
         replica.check_health()
         assert replica.group.find(VERSIONS[1], "images", "img-1-0")["id"] == "img-1-0"
+        replica.__del__()                                              # a replica shutting down
+        assert ls.read_leases(root) == {}
     finally:
         replica._stop.set()
