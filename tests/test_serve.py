@@ -299,27 +299,34 @@ def test_hot_swap_to_a_new_version_fails_no_request(app):
 
 
 def test_gc_keeps_the_version_replicas_still_serve_after_a_rollback(app):
-    """Runs after the hot swap: roll back to the first version, gc at once (the replicas still
-    serve the newer one: gc keeps it, leased), then gc again once they have dropped it."""
+    """Runs after the hot swap. Publish a third version and roll back to the first at once: the
+    replicas still serve the second, which is neither current nor the newest; gc keeps it
+    (leased), and deletes it once the replicas have swapped back and dropped it."""
     from sdray.index import leases as ls
-    from sdray.index import manifest as mf
     from sdray.index import versions as ver
+    from serve.testing import build_demo_index
 
-    url, demo, _ = app
+    url, demo, work = app
     root = demo.index
     served = call(url, "/v1/search", {"text": "a red circle", "k": 1})[1]["index_version"]
     assert served != demo.version
     holders = sorted(x.holder for x in ls.read_leases(root)[served])
     assert [h.split("-")[1] for h in holders] == ["group0", "group1"]   # one replica per shard group
-    no_grace = ls.LeaseConfig(min_age_s=0)
+    newest = build_demo_index(work, n_images=6, shards=2, start=900, model_uri=demo.model).version
     ver.rollback(root, demo.version)
-    result = ver.gc(root, 1, config=no_grace)
+    no_grace = ls.LeaseConfig(min_age_s=0)
+    result = ver.gc(root, 1, config=no_grace)             # keeps newest (keep=1) and current anyway
     assert result.deleted == [] and "leased by" in result.kept[served], result
-    assert mf.current_version(root) == demo.version
-    deadline = time.monotonic() + 90                       # swap back, then the replicas' grace
+    deadline = time.monotonic() + 120                      # swap back, then the replicas' grace
     while time.monotonic() < deadline and served in ls.read_leases(root):
         time.sleep(0.5)
     assert served not in ls.read_leases(root)
     assert ver.gc(root, 1, config=no_grace).deleted == [served]
-    status, body = call(url, "/v1/search", {"text": "a red circle", "k": 3})
-    assert status == 200 and body["index_version"] == demo.version and len(body["hits"]) == 3
+    assert {v.version for v in ver.list_versions(root)} == {demo.version, newest}
+    while time.monotonic() < deadline:
+        status, body = call(url, "/v1/search", {"text": "a red circle", "k": 3})
+        assert status == 200 and len(body["hits"]) == 3
+        if body["index_version"] == demo.version:
+            break
+        time.sleep(0.5)
+    assert body["index_version"] == demo.version
