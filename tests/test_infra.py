@@ -197,6 +197,22 @@ def test_train_config_preset_exists():
         assert ns.config in PRESETS
 
 
+def test_train_job_keeps_a_servable_checkpoint():
+    """The production train job (whose model the index job serves) selects its checkpoint within
+    the nnz budget and calibrates the fusion weight on its own val split: the ``-sdray`` variant,
+    not the official preset that reproduces the paper (no budget, fixed fusion)."""
+    from pipelines.train import resolve_config
+    from sdray.config import preset
+
+    _, ns = parse_entrypoint(entrypoint_argv(load(RAYJOBS["train"])))
+    cfg = resolve_config(ns)
+    assert cfg.selection.max_nnz is not None and cfg.selection.max_nnz <= 256
+    assert cfg.fusion.calibrate and ns.val, "the fusion weight is chosen on the job's val split"
+    official = preset(ns.config.removesuffix("-sdray"))
+    assert official.selection.max_nnz is None and not official.fusion.calibrate
+    assert cfg.loss.w1 == official.loss.w1 and cfg.loss.w2 == official.loss.w2
+
+
 def test_aws_cluster_example_command_is_a_real_command():
     text = (INFRA / "cluster-aws.yaml").read_text(encoding="utf-8")
     cmds = re.findall(r"'(sdray [^']+)'", text)
