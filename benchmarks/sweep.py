@@ -96,6 +96,10 @@ SETTINGS: dict[str, tuple[str, str | None, dict]] = {
     "d2s-default": ("d2s", "dense", {}),
     "joint-default": ("joint", "dense", {}),
     "joint-teacher-w2-1": ("joint", "dense", {"loss.w2": 1.0}),
+    # FLOPS instead of L1 at the defaults; 2e-2 matches the L1 3e-3 penalty of a trained
+    # joint-default model (its L1 norm is ~7x its FLOPS value on the icon val split)
+    "joint-flops-2e-2": ("joint", "dense", {"loss.regularizer": "flops", "loss.q_reg": 2e-2,
+                                            "loss.d_reg": 2e-2}),
     "joint-flops-ec": ("joint", "dense", {**OFFICIAL, "loss.regularizer": "flops", "loss.q_reg": 5e-2,
                                           "loss.d_reg": 5e-2, "loss.expansion_control": True}),
 }
