@@ -4,6 +4,7 @@ Usage::
 
     sdray synth --out DATA && sdray featurize --data DATA --out FEAT
     python benchmarks/orderings.py --features FEAT --out WORK [--eval-split test] [--set KEY=VALUE ...]
+    sdray demo --workdir W --json > demo.json && python benchmarks/orderings.py --demo-json demo.json
 
 ``WORK`` is a local folder or an ``s3://`` prefix (S3 settings from the environment, as for every
 sdray command). ``--local-s3 DIR`` starts a real S3 server (SeaweedFS, as in the tests) on
@@ -68,6 +69,30 @@ def orderings(res: dict) -> list[dict]:
             for name, a, b, op in checks]
 
 
+def print_tables(results: dict, split: str) -> list[dict]:
+    """Print the RSUM table (with t2i R@1) and the orderings of ``results``; returns the orderings."""
+    print(f"\nRSUM on {split} (max 600)\n| method | dense | sparse | hybrid | t2i R@1 dense | t2i R@1 hybrid | "
+          "text nnz | image nnz |\n|---|---|---|---|---|---|---|---|")
+    for m, r in results.items():
+        print(f"| {m} | {rsum(r, 'dense'):.1f} | {rsum(r, 'sparse'):.1f} | {rsum(r, 'hybrid'):.1f} | "
+              f"{100 * r['t2i']['dense']['R@1']:.1f} | {100 * r['t2i']['hybrid']['R@1']:.1f} | "
+              f"{r['sparsity']['text_nnz']:.0f} | {r['sparsity']['image_nnz']:.0f} |")
+    checks = orderings(results)
+    print("\n| ordering | left | right | holds |\n|---|---|---|---|")
+    for c in checks:
+        print(f"| {c['ordering']} | {c['left']:.1f} | {c['right']:.1f} | {'yes' if c['holds'] else '**no**'} |")
+    return checks
+
+
+def from_demo(path: str) -> int:
+    """The tables and orderings of a finished ``sdray demo --json`` (its last stdout line)."""
+    with open(path, encoding="utf-8") as f:
+        demo = json.loads(f.read().strip().splitlines()[-1])
+    checks = print_tables(demo["methods"], "the demo's test split")
+    print(f"\nstage seconds: {demo['timings']} (total {demo['total_seconds']:.0f})")
+    return 0 if all(c["holds"] for c in checks) else 1
+
+
 def on_local_s3(args: argparse.Namespace) -> int:
     """:func:`check` with ``s3://`` URIs against a SeaweedFS server on 127.0.0.1 (tests.s3server)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
@@ -84,14 +109,20 @@ def on_local_s3(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--features", required=True, help="featurize output with train/, val/ and the eval split")
-    p.add_argument("--out", required=True, help="folder or s3:// prefix for the three models")
+    p.add_argument("--features", help="featurize output with train/, val/ and the eval split")
+    p.add_argument("--out", help="folder or s3:// prefix for the three models")
+    p.add_argument("--demo-json", metavar="FILE", help="instead: the tables and orderings of a saved "
+                   "`sdray demo --json` output (no training)")
     p.add_argument("--eval-split", default="test")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all methods")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--local-s3", metavar="DIR", help="start a SeaweedFS S3 server on loopback (data in DIR), "
                    "upload --features there and use s3:// URIs for features and --out (a bucket-relative prefix)")
     args = p.parse_args(argv)
+    if args.demo_json:
+        return from_demo(args.demo_json)
+    if not (args.features and args.out):
+        p.error("--features and --out are required (or --demo-json)")
     return on_local_s3(args) if args.local_s3 else check(args)
 
 
@@ -110,14 +141,7 @@ def check(args: argparse.Namespace) -> int:
         t = time.time()
         results[method] = sdray("eval", "--model", join(args.out, method), "--data", join(args.features, args.eval_split))
         seconds[f"eval_{method}"] = round(time.time() - t, 1)
-    print(f"\nRSUM on {args.eval_split} (max 600)\n| method | dense | sparse | hybrid | text nnz | image nnz |\n|---|---|---|---|---|---|")
-    for m, r in results.items():
-        print(f"| {m} | {rsum(r, 'dense'):.1f} | {rsum(r, 'sparse'):.1f} | {rsum(r, 'hybrid'):.1f} | "
-              f"{r['sparsity']['text_nnz']:.0f} | {r['sparsity']['image_nnz']:.0f} |")
-    checks = orderings(results)
-    print("\n| ordering | left | right | holds |\n|---|---|---|---|")
-    for c in checks:
-        print(f"| {c['ordering']} | {c['left']:.1f} | {c['right']:.1f} | {'yes' if c['holds'] else '**no**'} |")
+    checks = print_tables(results, args.eval_split)
     print(f"\nseconds: {seconds} (total {sum(seconds.values()):.0f})")
     print(json.dumps({"results": results, "orderings": checks, "seconds": seconds}))
     return 0 if all(c["holds"] for c in checks) else 1
