@@ -218,10 +218,11 @@ def write_report(out_dir: str, methods: dict[str, dict], histories: dict[str, li
     lines += [f"Test split: {any_res.get('n_texts', '?')} captions, {any_res.get('n_images', '?')} "
               "images. Recall in percent; nnz = mean non-zero terms per sparse vector; FLOPs = "
               "expected multiply-adds per query–document pair (Σ_v P(q_v≠0)·P(d_v≠0)).", ""]
-    fusion = any_res.get("fusion")
-    if fusion:
-        lines += ["Hybrid = " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in fusion.items()) + ".", ""]
+    fusions = {m: r["fusion"] for m, r in methods.items() if r.get("fusion")}
+    if fusions:   # each model fuses with its own weights (chosen on its val split)
+        lines += ["Hybrid fusion per model: " + "; ".join(
+            f"{m}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items())
+            for m, f in fusions.items()) + ".", ""]
     for d, title in (("t2i", "Text → image"), ("i2t", "Image → text")):
         lines += [f"## {title}", "", comparison_table(methods, d, markdown=True), ""]
     lines += ["## Plots", "", f"![recall per method]({rel(p_recall)})", "",

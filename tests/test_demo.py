@@ -82,6 +82,8 @@ def test_report_writer(tmp_path):
                                                        "flops": 1.5}, "n_texts": 4, "n_images": 2}
 
     methods = {m: result(0.1 * (i + 1)) for i, m in enumerate(demo.METHODS)}
+    methods["d2s"]["fusion"] = {"method": "calibrated", "w1": 1.0, "w2": 0.2}
+    methods["joint"]["fusion"] = {"method": "calibrated", "w1": 1.0, "w2": 0.1}
     hist = {"dense": [{"type": "train", "step": 1, "loss": 2.0},
                       {"type": "val", "epoch": 1, "step": 1, "rsum_dense": 1.0}],
             "joint": [{"type": "train", "step": 1, "loss": 3.0},
@@ -97,7 +99,8 @@ def test_report_writer(tmp_path):
                         reused=["synth"], queries=[q])
     text = Path(path).read_text()
     for needle in ("recall_per_method.png", "recall_vs_sparsity.png", "training_curves.png",
-                   "| joint | sparse |", "red (1.00×2.00)", "reused"):
+                   "| joint | sparse |", "red (1.00×2.00)", "reused",
+                   "d2s: method calibrated, w1 1, w2 0.2; joint: method calibrated, w1 1, w2 0.1."):
         assert needle in text, needle
     for name in ("recall_per_method.png", "recall_vs_sparsity.png", "training_curves.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 1000
