@@ -9,8 +9,12 @@ For each concurrency level the same text queries (hybrid, k=10, explanations on)
 It prints p50/p99 latency, QPS and error counts for both, the Serve/in-process p50 ratio
 (target ≤ 1.5× at concurrency 1) and QPS ratio (target ≥ 1 at concurrency 8), for each encoder
 placement in ``--variants`` (``deployment``: a QueryEncoder deployment, one hop more;
-``ingress``: the encoder inside the ingress replica, ``encoder_in_ingress``), all in one run
-against the same in-process baseline. ``--kill`` then runs one more level during which a
+``ingress``: the encoder inside the ingress replica, ``encoder_in_ingress``; ``local``: the
+encoder and every shard inside the ingress replica, ``shards_in_ingress`` too, no handle call),
+all in one run against the same in-process baseline, with where the Serve time went (the
+ingress's own stage timings and what lies outside it: proxy and HTTP). A ``+spin`` suffix
+(``deployment+spin``) runs a placement with ``replica_env={}``: OpenMP threads spin when idle,
+as before ``OMP_WAIT_POLICY=PASSIVE`` became the default. ``--kill`` then runs one more level during which a
 QueryEncoder replica is killed (``ray.kill``) and reports how many requests failed and when
 service recovered. ``--json`` prints every number as one JSON object on the last line.
 """
@@ -49,20 +53,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, float]:
+def _post(url: str, body: dict, timeout: float = 60.0, out: dict | None = None) -> tuple[int, float]:
+    """``(status, seconds)``; the response body's ``took_ms`` and ``timings`` go into ``out``."""
     data = json.dumps(body).encode()
     req = urllib.request.Request(url + "/v1/search", data=data, method="POST",
                                  headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            r.read()
+            raw = r.read()
             status = r.status
     except urllib.error.HTTPError as err:
         status = err.code
     except Exception:  # noqa: BLE001 - connection errors count as failures
         status = 0
-    return status, time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    if out is not None and status == 200:
+        got = json.loads(raw)
+        out.update(took_ms=got["took_ms"], **got["timings"])
+    return status, dt
 
 
 def _stats(lat: list[float], wall: float, errors: int) -> dict:
@@ -73,19 +82,35 @@ def _stats(lat: list[float], wall: float, errors: int) -> dict:
 
 def run_serve(url: str, queries: list[str], n: int, conc: int, k: int) -> dict:
     bodies = [{"text": queries[i % len(queries)], "k": k, "mode": "hybrid"} for i in range(n)]
-    lat, errors, lock = [], 0, threading.Lock()
+    lat, errors, lock, inside = [], 0, threading.Lock(), []
 
     def one(body):
         nonlocal errors
-        status, dt = _post(url, body)
+        got: dict = {}
+        status, dt = _post(url, body, out=got)
         with lock:
             lat.append(dt)
             errors += status != 200
+            if got:
+                inside.append(got)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(conc) as pool:
         list(pool.map(one, bodies))
-    return _stats(lat, time.perf_counter() - t0, errors)
+    out = _stats(lat, time.perf_counter() - t0, errors)
+    return out | {"where_ms": where_the_time_goes(lat, inside)}
+
+
+def where_the_time_goes(lat: list[float], inside: list[dict]) -> dict:
+    """Medians of the ingress's own stage timings (``took_ms`` = from route entry to response
+    body; ``encode_ms``, ``search_ms`` = fan-out to the shard groups and back) and of what the
+    client saw beyond ``took_ms`` (HTTP proxy, the hop to the ingress, JSON, the client)."""
+    if not inside:
+        return {}
+    med = {key: float(np.median([d[key] for d in inside])) for key in ("took_ms", "encode_ms", "search_ms")}
+    med["outside_ingress_ms"] = float(np.median(lat) * 1000 - med["took_ms"])
+    med["mean_batch"] = float(np.mean([d["batch_size"] for d in inside]))
+    return med
 
 
 def run_inprocess(model, retriever, queries: list[str], n: int, conc: int, k: int, explain: int) -> dict:
@@ -164,15 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--kill", action="store_true", help="kill an encoder replica under load")
     p.add_argument("--num-cpus", type=int, default=4)
-    p.add_argument("--variants", default="deployment,ingress",
-                   help="encoder placements to measure: deployment, ingress (comma separated)")
+    p.add_argument("--variants", default="deployment+spin,ingress+spin,ingress,local",
+                   help="placements to measure: deployment, ingress, local, each optionally "
+                        "+spin (comma separated)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.requests > 2000:
         p.error("--requests is capped at 2000")
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from serve.app import ray_env
+    from serve.config import ServeConfig
+
+    ray_env()
     import ray
     from ray import serve
 
@@ -180,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     from sdray.index import manifest as mf
     from sdray.model import RetrievalModel
     from serve.app import deploy
-    from serve.config import ServeConfig
     from serve.testing import build_demo_index
 
     tmp = None
@@ -207,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                         "load_average": os.getloadavg(), "inprocess": baseline, "variants": {}}
         url = None
         for variant in variants:
+            place, _, spin = variant.partition("+")
             cfg = ServeConfig(index=args.index, model=model_uri, port=_free_port(), poll_interval_s=0,
-                              encoder_in_ingress=variant == "ingress")
+                              encoder_in_ingress=place in ("ingress", "local"),
+                              shards_in_ingress=place == "local",
+                              **({"replica_env": {}} if spin == "spin" else {}))
             t0 = time.perf_counter()
             url = deploy(cfg)
             print(f"[{variant}] serve up in {time.perf_counter() - t0:.1f}s at {url}", flush=True)
@@ -221,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                              "p50_ratio": sv["p50_ms"] / ip["p50_ms"] if ip["p50_ms"] else None,
                              "qps_ratio": sv["qps"] / ip["qps"] if ip["qps"] else None})
             report["variants"][variant] = rows
-            print(f"\nencoder placement: {variant}")
+            print(f"\nplacement: {variant}")
             print(f"{'conc':>4} | {'in-proc p50':>11} {'p99':>8} {'QPS':>7} | {'serve p50':>9} {'p99':>8} "
                   f"{'QPS':>7} {'errors':>6} | {'p50 ratio':>9} {'QPS ratio':>9}")
             for r in rows:
@@ -229,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['concurrency']:>4} | {ip['p50_ms']:>9.1f}ms {ip['p99_ms']:>6.1f}ms {ip['qps']:>7.1f} | "
                       f"{sv['p50_ms']:>7.1f}ms {sv['p99_ms']:>6.1f}ms {sv['qps']:>7.1f} {sv['errors']:>6} | "
                       f"{r['p50_ratio']:>8.2f}x {r['qps_ratio']:>8.2f}x")
+            for r in rows:
+                w = r["serve"].get("where_ms") or {}
+                if w:
+                    print(f"  c={r['concurrency']}: inside the ingress {w['took_ms']:.1f} ms (encode "
+                          f"{w['encode_ms']:.1f}, search {w['search_ms']:.1f}), outside it "
+                          f"{w['outside_ingress_ms']:.1f} ms; mean encoder batch {w['mean_batch']:.1f}")
             if variant != variants[-1]:
                 serve.shutdown()
         if args.kill and url:

@@ -2,7 +2,8 @@
 
     sdray serve --index URI [--model URI] [--host 127.0.0.1] [--port 8000] [--config serve.yaml]
                 [--replicas-per-shard N] [--encoder-max-replicas N] [--auth-token T] [--k-max K]
-                [--api-keys-file F] [--rate-limit R] [--encoder-in-ingress] [--use-gpu] [--faiss-gpu]
+                [--api-keys-file F] [--rate-limit R] [--encoder-in-ingress] [--shards-in-ingress]
+                [--use-gpu] [--faiss-gpu]
 
 ``--config`` reads :class:`serve.config.ServeConfig` fields from YAML/JSON (flags override it).
 Starts a local Ray (or joins ``RAY_ADDRESS``), waits for ``/readyz`` and prints the URL, then
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one deadline per request across encode, search and explain (504 past it)")
     parser.add_argument("--encoder-in-ingress", action="store_true",
                         help="encode queries inside the ingress replica (one hop fewer; small deployments)")
+    parser.add_argument("--shards-in-ingress", action="store_true",
+                        help="search every shard inside the ingress replica (no shard-searcher "
+                             "deployments, no handle call per query; indexes that fit one replica)")
     parser.add_argument("--use-gpu", action="store_true",
                         help="encoder replicas reserve one GPU and encode on CUDA")
     parser.add_argument("--faiss-gpu", action="store_true",
@@ -88,7 +92,7 @@ def config_from_args(args: argparse.Namespace):
                       ("rate_limit", "rate_limit_per_s"), ("request_timeout", "request_timeout_s")):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
-    for flag in ("encoder_in_ingress", "use_gpu", "faiss_gpu"):
+    for flag in ("encoder_in_ingress", "shards_in_ingress", "use_gpu", "faiss_gpu"):
         if getattr(args, flag):
             data[flag] = True
     if args.replicas_per_shard is not None:

@@ -7,6 +7,8 @@ Deployments (DESIGN.md §2, §4), one module each::
                                            ServeConfig.encoder_in_ingress)
     ShardSearcher<i>   serve/searchers.py  shard group i (shards j with j % groups == i), loaded
                                            before the replica takes traffic; reports to a board
+                                           (or every shard inside the ingress replica:
+                                           ServeConfig.shards_in_ingress, no handle calls)
 
 Entry points: :func:`build_app` (an application builder: ``import_path: serve.app:build_app`` in a
 Serve config YAML, ``args`` = :class:`~serve.config.ServeConfig` fields) and :func:`deploy` (what
@@ -50,24 +52,29 @@ def shard_memory(cfg: ServeConfig, groups: int) -> list[int]:
 def build_app(args: dict | ServeConfig):
     """Application builder (``import_path: serve.app:build_app``); ``args``: ServeConfig fields."""
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(dict(args or {}))
-    groups = n_groups(cfg)
-    memory = shard_memory(cfg, groups)
     encoder = None
     if not cfg.encoder_in_ingress:
         knobs = cfg.encoder
         if cfg.use_gpu and not knobs.num_gpus:
             knobs = knobs.model_copy(update={"num_gpus": 1.0})
-        encoder = QueryEncoder.options(**knobs.options(), user_config=cfg.batch.model_dump()).bind(
+        encoder = QueryEncoder.options(**knobs.options(cfg.replica_env), user_config=cfg.batch.model_dump()).bind(
             model_uri(cfg), cfg.use_gpu)
+    if cfg.shards_in_ingress:  # the ingress replica loads and searches every shard itself
+        knobs = cfg.ingress
+        if knobs.memory_bytes is None:
+            knobs = knobs.model_copy(update={"memory_bytes": sum(shard_memory(cfg, 1)) or None})
+        return Ingress.options(**knobs.options(cfg.replica_env)).bind(cfg.model_dump(), encoder, [])
+    groups = n_groups(cfg)
+    memory = shard_memory(cfg, groups)
     searchers = []
     for i in range(groups):
         knobs = cfg.shards
         if knobs.memory_bytes is None and memory[i]:
             knobs = knobs.model_copy(update={"memory_bytes": memory[i]})
-        searchers.append(ShardSearcher.options(name=f"ShardSearcher{i}", **knobs.options()).bind(
-            cfg.index, i, groups, cfg.poll_interval_s, cfg.app_name, 4, cfg.mmap, cfg.shard_cache_dir,
-            cfg.faiss_gpu, cfg.leases.model_dump()))
-    return Ingress.options(**cfg.ingress.options()).bind(cfg.model_dump(), encoder, searchers)
+        searchers.append(ShardSearcher.options(name=f"ShardSearcher{i}", **knobs.options(cfg.replica_env)).bind(
+            cfg.index, i, groups, cfg.poll_interval_s, cfg.app_name, cfg.search_threads, cfg.mmap,
+            cfg.shard_cache_dir, cfg.faiss_gpu, cfg.leases.model_dump()))
+    return Ingress.options(**cfg.ingress.options(cfg.replica_env)).bind(cfg.model_dump(), encoder, searchers)
 
 
 def deploy(cfg: ServeConfig, wait_s: float = 300.0, blocking_health: bool = True) -> str:

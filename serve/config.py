@@ -52,9 +52,11 @@ class DeploymentKnobs(_Strict):
             raise ValueError("max_replicas must be >= min_replicas")
         return self
 
-    def options(self) -> dict:
-        """Keyword arguments for ``Deployment.options``."""
+    def options(self, env: dict[str, str] | None = None) -> dict:
+        """Keyword arguments for ``Deployment.options``; ``env``: the replicas' environment variables."""
         actor: dict = {"num_cpus": self.num_cpus}
+        if env:
+            actor["runtime_env"] = {"env_vars": dict(env)}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
         if self.memory_bytes:
@@ -140,6 +142,18 @@ class ServeConfig(_Strict):
     encoder_in_ingress: bool = Field(False, description="Encode queries inside the ingress replica "
                                      "(no QueryEncoder deployment): one hop fewer, for small "
                                      "deployments; the ingress then scales with the encoder load.")
+    shards_in_ingress: bool = Field(False, description="Search every shard inside the ingress "
+                                    "replica (no ShardSearcher deployments): no handle call per "
+                                    "query, for indexes that fit one replica's memory; each "
+                                    "ingress replica then holds the whole index.")
+    search_threads: int = Field(4, ge=1, le=256, description="Threads a shard group searches its "
+                                "shards with, concurrently (per searcher or ingress replica).")
+    replica_env: dict[str, str] = Field(
+        {"OMP_WAIT_POLICY": "PASSIVE"}, max_length=32,
+        description="Environment variables of every replica process (set before it starts). "
+        "OMP_WAIT_POLICY=PASSIVE: OpenMP threads of FAISS and PyTorch sleep when idle instead of "
+        "spinning, so replicas sharing cores do not steal them from each other "
+        "(benchmarks/serve_load.py; measured in docs/benchmarks.md).")
     use_gpu: bool = Field(False, description="Encoder replicas reserve one GPU and encode on CUDA.")
     faiss_gpu: bool = Field(False, description="Shard searchers move dense FAISS indexes to the GPU "
                             "(sdray.index.dense.to_gpu; unchanged without faiss GPU support).")
@@ -161,6 +175,9 @@ class ServeConfig(_Strict):
 
     @model_validator(mode="after")
     def _limits(self) -> "ServeConfig":
+        for key, val in self.replica_env.items():
+            if not key.replace("_", "").isalnum() or not key[:1].isalpha() or len(key) > 128 or len(val) > 4096:
+                raise ValueError(f"replica_env: bad variable {key[:40]!r}")
         if self.k_default > self.k_max:
             raise ValueError("k_default must be <= k_max")
         return self

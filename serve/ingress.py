@@ -189,6 +189,12 @@ class Ingress:
             encoder = LocalEncoder(model_uri(self.cfg), self.cfg.use_gpu, self.cfg.batch.max_batch_size,
                                    self.cfg.batch.torch_threads)
         self.encoder = encoder
+        self.local_shards = bool(self.cfg.shards_in_ingress and not self.groups)
+        if self.local_shards:
+            from serve.searchers import LocalSearcher
+
+            self.groups = [LocalSearcher(self.cfg.index, self.cfg.search_threads, self.cfg.mmap,
+                                         self.cfg.shard_cache_dir, self.cfg.faiss_gpu)]
         self.local_encoder = not hasattr(getattr(encoder, "info", None), "remote")
         self.snapshot: Snapshot | None = None
         self.swap_pending: str | None = None
@@ -199,6 +205,7 @@ class Ingress:
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self._board = None
+        self._retiring: asyncio.Task | None = None
 
     # ---- calls to the other deployments ---------------------------------------------------
     @staticmethod
@@ -207,7 +214,8 @@ class Ingress:
         return method.remote(*args) if hasattr(method, "remote") else method(*args)
 
     def board(self):
-        if self._board is None and self.cfg.poll_interval_s > 0:
+        """The version board of the shard-searcher deployments (None with the shards in here)."""
+        if self._board is None and self.cfg.poll_interval_s > 0 and not self.local_shards:
             from serve.searchers import get_board
 
             self._board = get_board(self.cfg.app_name, self.root)
@@ -249,15 +257,25 @@ class Ingress:
         board = self.board()
         if board is not None:
             await board.serve.remote(version)
+        if self.local_shards:
+            self.groups[0].serve(version)
         log.info("serving index version %s (model %s)", version, model_uri)
 
     async def _warm_everywhere(self, version: str) -> bool:
         """True once every live replica of every shard group holds ``version`` (see serve.searchers)."""
         from serve.searchers import all_hold
 
+        if self.local_shards:
+            await self.groups[0].prepare(version)
+            return True
         fresh_s = 3 * max(min(self.cfg.poll_interval_s, 2.0), 0.5)
         holders = await self.board().holders.remote(fresh_s)
         return all_hold(holders, len(self.groups), version)
+
+    async def _retire_old(self) -> None:
+        """Drop the in-ingress shards of older versions once no request pinned to one can run."""
+        await asyncio.sleep(self.cfg.request_timeout_s)
+        await asyncio.to_thread(self.groups[0].retire)
 
     async def _poll(self) -> None:
         while True:
@@ -276,6 +294,8 @@ class Ingress:
                     async with self._lock:
                         await self._switch(newest)
                     self.swap_pending = None
+                    if self.local_shards:
+                        self._retiring = asyncio.get_running_loop().create_task(self._retire_old())
             except Exception:  # noqa: BLE001 - keep serving the current version
                 log.exception("hot swap check failed; still serving %s",
                               self.snapshot.version if self.snapshot else None)
@@ -393,7 +413,7 @@ class Ingress:
         candidates = self.cfg.candidates or int(snap.manifest.get("config", {}).get("candidates", 100))
         linear = q.mode != "hybrid" or not fusion.per_query()
         results = await self._fan_out([
-            g.search.remote(snap.version, q.direction, enc["dense"], enc["sparse_ids"], enc["sparse_vals"],
+            self._call(g.search, snap.version, q.direction, enc["dense"], enc["sparse_ids"], enc["sparse_vals"],
                             q.mode, q.k, candidates, fusion.__dict__, q.explain if linear else 0)
             for g in self.groups], deadline, "search")
         failed, shards_failed = self._failed(results, snap, q, "search")
@@ -447,7 +467,7 @@ class Ingress:
             by_group.setdefault(h["shard"] % n, []).append(i)
         order = list(by_group.items())
         results = await self._fan_out([
-            self.groups[g].explain.remote(snap.version, q.direction,
+            self._call(self.groups[g].explain, snap.version, q.direction,
                                           [(hits[i]["shard"], hits[i]["row"]) for i in idx],
                                           enc["sparse_ids"], enc["sparse_vals"], q.explain)
             for g, idx in order], deadline, "explain")
@@ -499,7 +519,7 @@ class Ingress:
             return False, {"status": "loading", "detail": "index or encoder not ready"}
         n_shards = len(snap.manifest.get("shards", []))
         try:
-            checks = [g.status.remote(snap.version) for g in self.groups]
+            checks = [self._call(g.status, snap.version) for g in self.groups]
             if not self.local_encoder:
                 checks.append(self.encoder.ping.remote())
             states = await asyncio.wait_for(asyncio.gather(*checks, return_exceptions=True), 3.0)
@@ -560,7 +580,7 @@ class Ingress:
 
         meta = None
         for side in ("images", "captions"):
-            found = await asyncio.gather(*(g.find.remote(snap.version, side, doc_id) for g in self.groups))
+            found = await asyncio.gather(*(self._call(g.find, snap.version, side, doc_id) for g in self.groups))
             meta = next((m for m in found if m), None)
             if meta is not None:
                 break

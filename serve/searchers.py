@@ -1,4 +1,5 @@
-"""Shard-searcher deployments (``ShardSearcher0..N-1``) and the board they report their versions to.
+"""Shard-searcher deployments (``ShardSearcher0..N-1``), the board they report their versions to,
+and :class:`LocalSearcher`, the same calls inside the ingress replica (``shards_in_ingress``).
 
 A :class:`ShardSearcher` replica hosts shard group ``group`` (shard ``j`` of a version when
 ``j % groups == group``; :class:`~serve.shard_group.ShardGroup`). **It loads its shards in its
@@ -86,8 +87,36 @@ def all_hold(holders: dict[int, list[list[str]]], groups: int, version: str) -> 
     return all(holders.get(g) and all(version in v for v in holders[g]) for g in range(groups))
 
 
+class GroupCalls:
+    """The calls the ingress makes on a shard group (``self.group``, a :class:`ShardGroup`); the
+    searches run in a worker thread (FAISS and Seismic release the GIL)."""
+
+    group: ShardGroup
+
+    async def status(self, version: str) -> dict:
+        return {"loaded": self.group.loaded(version), "error": bool(self.group.error(version)),
+                "versions": self.group.versions()}
+
+    async def prepare(self, version: str) -> bool:
+        await asyncio.to_thread(self.group.load, version)
+        return True
+
+    async def search(self, version: str, direction: str, dense, sparse_ids, sparse_vals, mode: str,
+                     k: int, candidates: int, fusion: dict, explain: int) -> list[dict]:
+        return await asyncio.to_thread(self.group.search, version, direction, dense, sparse_ids,
+                                       sparse_vals, mode, k, candidates, Fusion(**fusion), explain)
+
+    async def explain(self, version: str, direction: str, items: list[tuple[int, int]], sparse_ids,
+                      sparse_vals, top: int) -> list[list]:
+        return await asyncio.to_thread(self.group.explain, version, direction, items, sparse_ids,
+                                       sparse_vals, top)
+
+    async def find(self, version: str, side: str, doc_id: str) -> dict | None:
+        return await asyncio.to_thread(self.group.find, version, side, doc_id)
+
+
 @serve.deployment(max_ongoing_requests=64)
-class ShardSearcher:
+class ShardSearcher(GroupCalls):
     """Hosts shard group ``group`` of ``groups`` (see module docstring)."""
 
     def __init__(self, index: str, group: int, groups: int, poll_interval_s: float = 5.0,
@@ -150,27 +179,6 @@ class ShardSearcher:
         if not any(self.group.loaded(v) for v in self.group.protected):
             raise RuntimeError("the served index version is not loaded")
 
-    async def status(self, version: str) -> dict:
-        return {"loaded": self.group.loaded(version), "error": bool(self.group.error(version)),
-                "versions": self.group.versions()}
-
-    async def prepare(self, version: str) -> bool:
-        await asyncio.to_thread(self.group.load, version)
-        return True
-
-    async def search(self, version: str, direction: str, dense, sparse_ids, sparse_vals, mode: str,
-                     k: int, candidates: int, fusion: dict, explain: int) -> list[dict]:
-        return await asyncio.to_thread(self.group.search, version, direction, dense, sparse_ids,
-                                       sparse_vals, mode, k, candidates, Fusion(**fusion), explain)
-
-    async def explain(self, version: str, direction: str, items: list[tuple[int, int]], sparse_ids,
-                      sparse_vals, top: int) -> list[list]:
-        return await asyncio.to_thread(self.group.explain, version, direction, items, sparse_ids,
-                                       sparse_vals, top)
-
-    async def find(self, version: str, side: str, doc_id: str) -> dict | None:
-        return await asyncio.to_thread(self.group.find, version, side, doc_id)
-
     def __del__(self):
         if getattr(self, "_stop", None) is not None:
             self._stop.set()
@@ -178,3 +186,31 @@ class ShardSearcher:
             self.board.leave.remote(self.group.group, self.replica)
         if getattr(self, "group", None) is not None:
             self.group.keep_only(set())  # releases this replica's leases (failures: logged, they expire)
+
+
+class LocalSearcher(GroupCalls):
+    """Every shard of the index searched inside the ingress replica (``ServeConfig.shards_in_ingress``).
+
+    The same calls as a :class:`ShardSearcher` handle, awaited directly: no handle call, no
+    serialisation of the query vectors or the hits, for small deployments. It loads the served
+    version in the constructor (the ingress replica is not ready before); the ingress preloads a
+    new version with :meth:`prepare` before it switches and drops the old one with :meth:`retire`
+    once no request can still use it.
+    """
+
+    def __init__(self, index: str, threads: int = 4, mmap: bool = True, cache_dir: str | None = None,
+                 faiss_gpu: bool = False):
+        root, pinned = resolve_root(index)
+        self.group = ShardGroup(root, 0, 1, threads=threads, mmap=mmap, cache_dir=cache_dir,
+                                faiss_gpu=faiss_gpu)
+        version = current_version(root, pinned)
+        self.group.load(version)
+        self.group.protected = {version}
+
+    def serve(self, version: str) -> None:
+        """``version`` is now the served one: never evicted; older ones go on the next load."""
+        self.group.protected = {version}
+
+    def retire(self) -> None:
+        """Drop every loaded version but the served one."""
+        self.group.keep_only(set(self.group.protected))

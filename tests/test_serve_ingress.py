@@ -4,7 +4,9 @@ route methods — pinned snapshots, signed thumbnails, allow_partial, deadlines,
 
 import asyncio
 import json
+import shutil
 import types
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +125,59 @@ def test_rate_limit_per_key(demo):
     assert [_search(ing, {"text": "a", "k": 1})[0] for _ in range(3)] == [200, 200, 429]
     status, body, resp = _search(ing, {"text": "a", "k": 1})
     assert status == 429 and int(resp.headers["Retry-After"]) >= 1
+
+
+def _hits(body):
+    return [(h["id"], h["shard"], round(h["score"], 5), [e["term"] for e in h["explanation"]])
+            for h in body["hits"]]
+
+
+def test_shards_in_the_ingress_answer_exactly_as_the_shard_group_handles(demo):
+    from serve.ingress import Ingress
+
+    local = Ingress.func_or_class.__mro__[1](ServeConfig(index=demo.index, poll_interval_s=0, encoder_in_ingress=True,
+                                    auth_token=KEY, shards_in_ingress=True).model_dump(), None, [])
+    assert local.local_shards and len(local.groups) == 1
+    assert local.groups[0].group.versions() == [demo.version]  # loaded in the constructor
+    remote = _ingress(demo)
+    bodies = [{"text": "a red circle", "k": 5, "mode": m} for m in ("hybrid", "dense", "sparse")]
+    bodies += [{"text": "two blue squares", "k": 4, "fusion": {"method": "rrf"}}]
+    for body in bodies:
+        (s1, b1, _), (s2, b2, _) = _search(local, body), _search(remote, body)
+        assert s1 == s2 == 200
+        assert _hits(b1) == _hits(b2) and b1["hits"], body
+    ready, info = asyncio.run(local._readiness())
+    assert ready and info["shards_ready"] == 3
+    searcher = local.groups[0]
+    copy = Path(demo.index) / "v-copy"
+    shutil.copytree(Path(demo.index) / demo.version, copy)
+    try:  # a swap: the new version preloaded next to the served one, the old one retired after
+        asyncio.run(searcher.prepare("v-copy"))
+        assert searcher.group.versions() == [demo.version, "v-copy"]
+        searcher.serve("v-copy")
+        searcher.retire()
+        assert searcher.group.versions() == ["v-copy"]
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_concurrent_queries_share_one_forward_pass_and_equal_unbatched_ones(demo):
+    import numpy as np
+
+    from serve.encoder import LocalEncoder, Models, encode_batch
+
+    enc = LocalEncoder(demo.model, max_batch_size=16)
+    texts = ["a red circle", "two blue squares", "a green star", "three purple rings",
+             "a yellow triangle", "small cyan dots", "a white cross on black", "a violet rhombus"]
+
+    async def together():
+        return await asyncio.gather(*(enc.encode_text(t, demo.model) for t in texts))
+
+    batched = asyncio.run(together())
+    single = [encode_batch(Models(), "text", [t], [demo.model])[0] for t in texts]
+    assert max(r["batch_size"] for r in batched) > 1  # the queries did share a forward pass
+    for b, s in zip(batched, single):
+        assert s["batch_size"] == 1
+        np.testing.assert_allclose(b["dense"], s["dense"], rtol=1e-5, atol=1e-6)
+        assert b["sparse_ids"].tolist() == s["sparse_ids"].tolist()
+        np.testing.assert_allclose(b["sparse_vals"], s["sparse_vals"], rtol=1e-5, atol=1e-6)

@@ -482,6 +482,12 @@ def test_use_gpu_gives_encoder_replicas_a_gpu_and_searchers_their_memory(monkeyp
     assert got["ShardSearcher0"].max_queued_requests == 64
     assert "num_gpus" not in deployments()["QueryEncoder"].ray_actor_options
     assert "QueryEncoder" not in deployments(encoder_in_ingress=True)
+    for d in got.values():  # idle OpenMP threads sleep in every replica (set before it starts)
+        assert d.ray_actor_options["runtime_env"]["env_vars"] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert "runtime_env" not in deployments(replica_env={})["Ingress"].ray_actor_options
+    alone = deployments(encoder_in_ingress=True, shards_in_ingress=True)
+    assert list(alone) == ["Ingress"]  # one replica does it all: no handle call per query
+    assert alone["Ingress"].ray_actor_options["memory"] == 4000  # it declares every shard's memory
 
 
 def test_searcher_replica_loads_before_it_is_healthy_and_swap_waits_for_every_replica(random_index):
