@@ -12,9 +12,9 @@ placement in ``--variants`` (``deployment``: a QueryEncoder deployment, one hop 
 ``ingress``: the encoder inside the ingress replica, ``encoder_in_ingress``; ``local``: the
 encoder and every shard inside the ingress replica, ``shards_in_ingress`` too, no handle call),
 all in one run against the same in-process baseline, with where the Serve time went (the
-ingress's own stage timings and what lies outside it: proxy and HTTP). A ``+spin`` suffix
-(``deployment+spin``) runs a placement with ``replica_env={}``: OpenMP threads spin when idle,
-as before ``OMP_WAIT_POLICY=PASSIVE`` became the default. ``--kill`` then runs one more level during which a
+ingress's own stage timings and what lies outside it: proxy and HTTP). ``+`` options
+change one knob each (:func:`variant_config`): ``deployment+spin`` is the old default (idle
+OpenMP threads spinning, as before ``OMP_WAIT_POLICY=PASSIVE`` became the default). ``--kill`` then runs one more level during which a
 QueryEncoder replica is killed (``ray.kill``) and reports how many requests failed and when
 service recovered. ``--json`` prints every number as one JSON object on the last line.
 """
@@ -81,7 +81,11 @@ def _stats(lat: list[float], wall: float, errors: int) -> dict:
 
 
 def run_serve(url: str, queries: list[str], n: int, conc: int, k: int) -> dict:
-    bodies = [{"text": queries[i % len(queries)], "k": k, "mode": "hybrid"} for i in range(n)]
+    return run_bodies(url, [{"text": queries[i % len(queries)], "k": k, "mode": "hybrid"} for i in range(n)], conc)
+
+
+def run_bodies(url: str, bodies: list[dict], conc: int) -> dict:
+    """POST every body to ``/v1/search`` from ``conc`` client threads: latency, QPS, errors."""
     lat, errors, lock, inside = [], 0, threading.Lock(), []
 
     def one(body):
@@ -178,6 +182,32 @@ def kill_test(url: str, queries: list[str], n: int, conc: int, k: int) -> dict:
             "succeeded_after_kill": len(after)}
 
 
+#: ``+`` options of a variant (``local+fast+t1``): ServeConfig changes
+SERVE_FAST_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                  "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
+
+
+def variant_config(variant: str, cfg):
+    """``cfg`` for a variant: a placement (deployment | ingress | local) and ``+`` options:
+    ``spin`` (replica_env={}: idle OpenMP threads spin), ``fast`` (Serve's user code on the
+    replica's own event loop, access log buffered), ``tN`` (N torch threads in the encoder)."""
+    place, *opts = variant.split("+")
+    if place not in ("deployment", "ingress", "local"):
+        raise ValueError(f"unknown placement {place!r}")
+    update: dict = {"encoder_in_ingress": place in ("ingress", "local"), "shards_in_ingress": place == "local"}
+    env = dict(cfg.replica_env)
+    for opt in opts:
+        if opt == "spin":
+            env = {}
+        elif opt == "fast":
+            env |= SERVE_FAST_ENV
+        elif opt[:1] == "t" and opt[1:].isdigit():
+            update["batch"] = cfg.batch.model_copy(update={"torch_threads": int(opt[1:])})
+        else:
+            raise ValueError(f"unknown variant option {opt!r}")
+    return cfg.model_copy(update=update | {"replica_env": env})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--index", help="index URI (default: build a demo index in a temp dir)")
@@ -234,11 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                         "load_average": os.getloadavg(), "inprocess": baseline, "variants": {}}
         url = None
         for variant in variants:
-            place, _, spin = variant.partition("+")
-            cfg = ServeConfig(index=args.index, model=model_uri, port=_free_port(), poll_interval_s=0,
-                              encoder_in_ingress=place in ("ingress", "local"),
-                              shards_in_ingress=place == "local",
-                              **({"replica_env": {}} if spin == "spin" else {}))
+            cfg = variant_config(variant, ServeConfig(index=args.index, model=model_uri, port=_free_port(),
+                                                      poll_interval_s=0))
             t0 = time.perf_counter()
             url = deploy(cfg)
             print(f"[{variant}] serve up in {time.perf_counter() - t0:.1f}s at {url}", flush=True)
