@@ -69,6 +69,15 @@ def make_model(path: str) -> str:
     return path
 
 
+def preprocessing() -> dict:
+    """The feature signature ``sdray index`` checks (sdray.backbones.compat): the packaged
+    backbone's, which :func:`make_model` uses."""
+    from sdray.backbones.compat import feature_signature
+    from sdray.config import from_dict
+
+    return feature_signature(from_dict({}).backbone)
+
+
 def make_feature_corpus(folder: str, n: int, seed: int, rows_per_file: int) -> str:
     """``n`` pairs of generated features under ``folder`` (kept and reused when complete)."""
     import pyarrow as pa
@@ -76,6 +85,11 @@ def make_feature_corpus(folder: str, n: int, seed: int, rows_per_file: int) -> s
 
     manifest = os.path.join(folder, "manifest.json")
     if os.path.exists(manifest):
+        with open(manifest) as fh:
+            meta = json.load(fh)
+        if "preprocessing" not in meta:  # written before index checked the feature signature
+            with open(manifest, "w") as fh:
+                json.dump(meta | {"preprocessing": preprocessing()}, fh)
         return folder
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -102,6 +116,7 @@ def make_feature_corpus(folder: str, n: int, seed: int, rows_per_file: int) -> s
         files.append(path)
     with open(manifest, "w") as fh:
         json.dump({"kind": "sdray.features", "data": "generated", "backbone_name": "packaged",
+                   "preprocessing": preprocessing(),
                    "text_dim": TEXT_DIM, "image_dim": IMAGE_DIM, "n_samples": n, "skips": {},
                    "files": files, "generator": {"seed": seed, "captions_per_image": CAPTIONS_PER_IMAGE}}, fh)
     return folder
