@@ -14,9 +14,9 @@ encoder and every shard inside the ingress replica, ``shards_in_ingress`` too, n
 all in one run against the same in-process baseline, with where the Serve time went (the
 ingress's own stage timings and what lies outside it: proxy and HTTP). ``+`` options
 change one knob each (:func:`variant_config`): ``deployment+spin`` is the old default (idle
-OpenMP threads spinning, as before ``OMP_WAIT_POLICY=PASSIVE`` became the default). ``--kill`` then runs one more level during which a
-QueryEncoder replica is killed (``ray.kill``) and reports how many requests failed and when
-service recovered. ``--json`` prints every number as one JSON object on the last line.
+OpenMP threads spinning, as before ``OMP_WAIT_POLICY=PASSIVE`` became the default).
+``--kill`` then runs one more level during which a QueryEncoder replica is killed
+(``ray.kill``) and reports how many requests failed and when service recovered. ``--json`` prints every number as one JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def _stats(lat: list[float], wall: float, errors: int) -> dict:
 
 
 def run_serve(url: str, queries: list[str], n: int, conc: int, k: int) -> dict:
-    return run_bodies(url, [{"text": queries[i % len(queries)], "k": k, "mode": "hybrid"} for i in range(n)], conc)
+    bodies = [{"text": queries[i % len(queries)], "k": k, "mode": "hybrid"} for i in range(n)]
+    return run_bodies(url, bodies, conc)
 
 
 def run_bodies(url: str, bodies: list[dict], conc: int) -> dict:
@@ -194,7 +195,8 @@ def variant_config(variant: str, cfg):
     place, *opts = variant.split("+")
     if place not in ("deployment", "ingress", "local"):
         raise ValueError(f"unknown placement {place!r}")
-    update: dict = {"encoder_in_ingress": place in ("ingress", "local"), "shards_in_ingress": place == "local"}
+    update: dict = {"encoder_in_ingress": place in ("ingress", "local"),
+                    "shards_in_ingress": place == "local"}
     env = dict(cfg.replica_env)
     for opt in opts:
         if opt == "spin":

@@ -57,8 +57,8 @@ def build_app(args: dict | ServeConfig):
         knobs = cfg.encoder
         if cfg.use_gpu and not knobs.num_gpus:
             knobs = knobs.model_copy(update={"num_gpus": 1.0})
-        encoder = QueryEncoder.options(**knobs.options(cfg.replica_env), user_config=cfg.batch.model_dump()).bind(
-            model_uri(cfg), cfg.use_gpu)
+        encoder = QueryEncoder.options(**knobs.options(cfg.replica_env),
+                                       user_config=cfg.batch.model_dump()).bind(model_uri(cfg), cfg.use_gpu)
     if cfg.shards_in_ingress:  # the ingress replica loads and searches every shard itself
         knobs = cfg.ingress
         if knobs.memory_bytes is None:
