@@ -14,7 +14,7 @@ Seismic (``IndexConfig`` defaults otherwise: 5 shards of 200,000). The index lan
 QueryEncoder deployment and one ShardSearcher deployment per shard; ``local`` = encoder and every
 shard inside the ingress replica), sends the same ``--requests`` image queries (generated PNGs,
 hybrid, k=10, explanations on) at each concurrency, and prints p50/p99 latency, QPS and errors per
-level, then the resident memory (RSS) of every Serve replica process (``ray.util.state``). Clean
+level, then the resident memory (RSS) of every Serve replica process (by process title). Clean
 mmap'd shard pages count in RSS once touched; they are the page cache's, not the heap's.
 """
 
@@ -75,17 +75,21 @@ def query_images(n: int, seed: int = 0) -> list[str]:
 
 
 def replica_memory() -> list[dict]:
-    """RSS (MiB) of every live Serve replica actor process of this Ray instance."""
-    import psutil
-    from ray.util.state import list_actors
-
+    """RSS (MiB) of every Serve replica process on this machine (Linux ``/proc``), found by the
+    process title Ray gives an actor (``ray::ServeReplica:<app>:<deployment>[.<method>]``)."""
     rows = []
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        name = actor.class_name or ""
-        if not name.startswith("ServeReplica") or not actor.pid:
-            continue
-        rss = psutil.Process(actor.pid).memory_info().rss
-        rows.append({"replica": name.split(":")[-1], "rss_mib": round(rss / 2**20, 1)})
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                title = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            if not title.startswith("ray::ServeReplica:"):
+                continue
+            with open(f"/proc/{pid}/status") as fh:
+                kib = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue  # the process ended meanwhile
+        name = title.split()[0].split(":")[-1].split(".")[0]
+        rows.append({"replica": name, "rss_mib": round(kib / 1024, 1)})
     return sorted(rows, key=lambda r: r["replica"])
 
 
