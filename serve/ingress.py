@@ -193,8 +193,13 @@ class Ingress:
         if self.local_shards:
             from serve.searchers import LocalSearcher
 
+            try:
+                replica = serve.get_replica_context().replica_id.unique_id
+            except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests)
+                replica = f"local-{id(self)}"
             self.groups = [LocalSearcher(self.cfg.index, self.cfg.search_threads, self.cfg.mmap,
-                                         self.cfg.shard_cache_dir, self.cfg.faiss_gpu)]
+                                         self.cfg.shard_cache_dir, self.cfg.faiss_gpu,
+                                         self.cfg.leases.model_dump(), f"{self.cfg.app_name}-ingress-{replica}")]
         self.local_encoder = not hasattr(getattr(encoder, "info", None), "remote")
         self.snapshot: Snapshot | None = None
         self.swap_pending: str | None = None

@@ -92,6 +92,18 @@ class GroupCalls:
     searches run in a worker thread (FAISS and Seismic release the GIL)."""
 
     group: ShardGroup
+    leases: LeaseHolder
+    _stop: threading.Event
+
+    def _renew_leases(self) -> None:
+        """Rewrite this replica's leases every ``renew_s`` (also without hot swap polling)."""
+        every = max(0.5, min(self.leases.config.renew_s / 4, 5.0))
+        while not self._stop.wait(every):
+            try:
+                self.leases.renew()
+            except Exception:  # noqa: BLE001 - retried next round; the lease lives ttl_s meanwhile
+                log.exception("shard group %s: renewing index version leases failed (they expire after "
+                              "%.0f s without renewal)", self.group.group, self.leases.config.ttl_s)
 
     async def status(self, version: str) -> dict:
         return {"loaded": self.group.loaded(version), "error": bool(self.group.error(version)),
@@ -146,16 +158,6 @@ class ShardSearcher(GroupCalls):
             self._report()
             threading.Thread(target=self._poll, name="shard-poll", daemon=True).start()
 
-    def _renew_leases(self) -> None:
-        """Rewrite this replica's leases every ``renew_s`` (also without hot swap polling)."""
-        every = max(0.5, min(self.leases.config.renew_s / 4, 5.0))
-        while not self._stop.wait(every):
-            try:
-                self.leases.renew()
-            except Exception:  # noqa: BLE001 - retried next round; the lease lives ttl_s meanwhile
-                log.exception("shard group %s: renewing index version leases failed (they expire after "
-                              "%.0f s without renewal)", self.group.group, self.leases.config.ttl_s)
-
     def _report(self) -> str | None:
         return ray.get(self.board.report.remote(self.group.group, self.replica, self.group.versions()))
 
@@ -199,13 +201,22 @@ class LocalSearcher(GroupCalls):
     """
 
     def __init__(self, index: str, threads: int = 4, mmap: bool = True, cache_dir: str | None = None,
-                 faiss_gpu: bool = False):
+                 faiss_gpu: bool = False, leases: dict | None = None, holder: str = "sdray-ingress"):
         root, pinned = resolve_root(index)
+        self.leases = LeaseHolder(root, holder, LeaseConfig.model_validate(leases or {}))
         self.group = ShardGroup(root, 0, 1, threads=threads, mmap=mmap, cache_dir=cache_dir,
-                                faiss_gpu=faiss_gpu)
+                                faiss_gpu=faiss_gpu, leases=self.leases)
         version = current_version(root, pinned)
-        self.group.load(version)
+        self.group.load(version)  # leased first, so `sdray index gc` keeps it while served here
         self.group.protected = {version}
+        self._stop = threading.Event()
+        threading.Thread(target=self._renew_leases, name="lease-renew", daemon=True).start()
+
+    def __del__(self):
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+        if getattr(self, "group", None) is not None:
+            self.group.keep_only(set())  # releases the leases (failures: logged, they expire)
 
     def serve(self, version: str) -> None:
         """``version`` is now the served one: never evicted; older ones go on the next load."""
