@@ -39,8 +39,8 @@ class StorageError(OSError):
 
 
 class ShardStorageError(StorageError):
-    """A shard that could not be read (or its output written) after every retry: a fault, not
-    bad data. Ray Data retries the task on it; when those retries run out too, the job fails
+    """A shard that could not be read (or an object that could not be written) after every
+    retry: a fault, not bad data. Ray Data retries the task on it; when those retries run out too, the job fails
     with this message, which names the shard and the cause."""
 
 
@@ -222,6 +222,40 @@ def pyarrow_filesystem(uri: str):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def pyarrow_s3(uri: str):
+    """``(pyarrow S3FileSystem, path)`` with this process's endpoint, credentials and
+    :class:`~sdray.config.StorageConfig` retries and timeouts, for libraries that write through
+    pyarrow's own S3 client, e.g. Ray Train checkpoints (``RunConfig(storage_filesystem=...)``).
+
+    Without it Ray Train resolves ``s3://`` with ``pyarrow.fs.FileSystem.from_uri``: the AWS
+    SDK's default retries and timeouts, whatever ``SDRAY_STORAGE_*`` says.
+    """
+    from urllib.parse import urlparse
+
+    import pyarrow.fs as pafs
+
+    if not str(uri).startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri}")
+    cfg = retry_config()
+    kwargs: dict[str, Any] = {
+        # pyarrow has no whole-object layer above its requests: they get the attempts that
+        # write_bytes would make in all (botocore's per request x call_with_retries' per object)
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts * cfg.shard_attempts),
+        "connect_timeout": cfg.connect_timeout_s, "request_timeout": cfg.read_timeout_s}
+    endpoint = _setting("AWS_ENDPOINT_URL_S3") or _setting("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    key, secret = _setting("AWS_ACCESS_KEY_ID"), _setting("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=_setting("AWS_SESSION_TOKEN"))
+    region = _setting("AWS_DEFAULT_REGION") or _setting("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), str(uri)[len("s3://"):].rstrip("/")
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with ``/``."""
     out = str(uri).rstrip("/")
@@ -258,12 +292,15 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri``. On S3 one ``put_object`` with the bytes as body: a file-like
     body would make botocore send ``Expect: 100-continue``, whose wait has no timeout, so a
-    stalled server would hang the write forever instead of timing out (``read_timeout_s``). The
-    whole write also has a deadline, ``write_timeout_s`` (fsspec raises ``FSTimeoutError``), since
-    a stalled upload was seen to outlive every socket timeout."""
+    stalled server would hang the write forever instead of timing out (``read_timeout_s``). Each
+    attempt also has a deadline, ``write_timeout_s`` (fsspec raises ``FSTimeoutError``), since
+    a stalled upload was seen to outlive every socket timeout; the whole write is retried
+    (:func:`call_with_retries`), then fails with :class:`ShardStorageError` naming ``uri``."""
     if is_remote(uri):
         fs, path = filesystem(uri)
-        fs.pipe_file(path, bytes(data), timeout=retry_config().write_timeout_s)
+        body = bytes(data)
+        call_with_retries(lambda: fs.pipe_file(path, body, timeout=retry_config().write_timeout_s),
+                          f"writing {uri}")
         return
     with open_uri(uri, "wb") as f:
         f.write(data)

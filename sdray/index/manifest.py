@@ -64,10 +64,9 @@ def fingerprint(obj: Any) -> str:
 
 def write_atomic(uri: str, data: bytes) -> None:
     """Replace the object at ``uri`` in one step (temp file + ``os.replace`` locally, one PUT on
-    S3, retried per :class:`~sdray.config.StorageConfig`, else :class:`~sdray.storage.ShardStorageError`
-    naming ``uri``)."""
+    S3, retried as :func:`sdray.storage.write_bytes` says)."""
     if storage.is_remote(uri):
-        storage.call_with_retries(lambda: storage.write_bytes(uri, data), f"writing {uri}")
+        storage.write_bytes(uri, data)
         return
     _, path = storage.filesystem(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)

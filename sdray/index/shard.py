@@ -207,9 +207,9 @@ class Shard:
             "files": {},
         }
         for name, data in files.items():
-            _write(storage.join(uri, name), data)
+            storage.write_bytes(storage.join(uri, name), data)
             info["files"][name] = {"sha256": sha256(data), "bytes": len(data)}
-        _write(storage.join(uri, SHARD_JSON), json.dumps(info, indent=2, sort_keys=True).encode("utf-8"))
+        storage.write_json(storage.join(uri, SHARD_JSON), info)
         return info
 
     @classmethod
@@ -324,13 +324,6 @@ class Shard:
         meta["url"] = table.column("url").to_pylist() if "url" in table.column_names else [None] * n
         doc_no = table.column("doc_no").to_numpy().astype(np.int64)
         return cls(dense, sparse, docs, meta, doc_no, config, name)
-
-
-def _write(uri: str, data: bytes) -> None:
-    """Write one index file, retried per :class:`~sdray.config.StorageConfig`; a fault that
-    survives the retries raises :class:`~sdray.storage.ShardStorageError` naming the file (the
-    build task fails, Ray retries it, and the shard stays pending until every file is written)."""
-    storage.call_with_retries(lambda: storage.write_bytes(uri, data), f"writing index file {uri}")
 
 
 def _local_copy(furi: str, files: dict, fname: str, verify: bool, cache_dir: str | None) -> str:
