@@ -30,7 +30,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BUDGET = {"SDRAY_STORAGE_MAX_ATTEMPTS": "3", "SDRAY_STORAGE_CONNECT_TIMEOUT_S": "1",
-          "SDRAY_STORAGE_READ_TIMEOUT_S": "2", "SDRAY_STORAGE_BODY_ATTEMPTS": "1",
+          "SDRAY_STORAGE_READ_TIMEOUT_S": "2", "SDRAY_STORAGE_WRITE_TIMEOUT_S": "5",
+          "SDRAY_STORAGE_BODY_ATTEMPTS": "1",
           "SDRAY_STORAGE_SHARD_ATTEMPTS": "3", "SDRAY_STORAGE_BACKOFF_S": "0.2",
           "SDRAY_STORAGE_BACKOFF_MAX_S": "1", "SDRAY_STORAGE_TASK_RETRIES": "1"}
 

@@ -284,9 +284,18 @@ def open_uri(uri: str, mode: str = "rb"):
     return fs.open(path, mode)
 
 
-def read_bytes(uri: str) -> bytes:
+def _read_once(uri: str) -> bytes:
     with open_uri(uri, "rb") as f:
         return f.read()
+
+
+def read_bytes(uri: str) -> bytes:
+    """All bytes at ``uri``. Remote reads are retried whole (:func:`call_with_retries`): a missing
+    object raises ``FileNotFoundError`` at once, a fault past the retries
+    :class:`ShardStorageError` naming ``uri``."""
+    if not is_remote(uri):
+        return _read_once(uri)
+    return call_with_retries(lambda: _read_once(uri), f"reading {uri}")
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -333,7 +342,7 @@ def read_shard_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     """All bytes of the shard at ``uri`` (:func:`call_with_retries`); a missing or forbidden
     shard raises :class:`ShardStorageError` too. Only I/O happens here, so any error is a fault."""
     try:
-        return call_with_retries(lambda: read_bytes(uri), f"reading shard {uri}", cfg)
+        return call_with_retries(lambda: _read_once(uri), f"reading shard {uri}", cfg)
     except (PermissionError, FileNotFoundError) as err:
         raise ShardStorageError(f"reading shard {uri}: {explain_error(uri, err)}") from err
 

@@ -52,7 +52,7 @@ def _shard_images(shard_uri: str) -> dict[str, bytes]:
             _SHARD_CACHE.move_to_end(shard_uri)
             return got
     images: dict[str, bytes] = {}
-    data = _read(lambda: storage.read_bytes(shard_uri), f"reading shard {shard_uri}")
+    data = storage.read_bytes(shard_uri)  # retried; a fault past the retries raises, never a short shard
     with io.BytesIO(data) as f:         # read whole first: a parse error here is bad data, not a fault
         for sample in iter_shard_samples(f, shard_uri, SkipCounts()):
             key = sample["sample_id"].split("/", 1)[-1]
@@ -135,17 +135,13 @@ def _tar_member(shard_uri: str, key: str) -> bytes | None:
 
 
 def _tar_image(shard_uri: str, key: str) -> bytes:
-    data = _read(lambda: _tar_member(shard_uri, key), f"reading sample {key!r} of {shard_uri}")
+    """Retried per :class:`~sdray.config.StorageConfig`: a missing shard raises
+    ``FileNotFoundError`` at once (a 404), a fault that outlives the retries
+    :class:`~sdray.storage.ShardStorageError` (a 503), never ``KeyError``."""
+    data = storage.call_with_retries(lambda: _tar_member(shard_uri, key), f"reading sample {key!r} of {shard_uri}")
     if data is None:
         raise KeyError(f"sample {key!r} not found in {shard_uri}")
     return data
-
-
-def _read(fn, what: str):
-    """``fn()`` retried per :class:`~sdray.config.StorageConfig`. A missing object raises
-    ``FileNotFoundError`` at once (a 404); a fault that outlives the retries raises
-    :class:`~sdray.storage.ShardStorageError` (a 503), never ``KeyError``."""
-    return storage.call_with_retries(fn, what)
 
 
 def read_image_bytes(uri: str) -> bytes:
@@ -159,7 +155,7 @@ def read_image_bytes(uri: str) -> bytes:
         return base64.b64decode(payload)
     base, key = split_uri(uri)
     if key is None:
-        return _read(lambda: storage.read_bytes(base), f"reading image {base}")
+        return storage.read_bytes(base)
     if base.endswith(".tar"):
         return _tar_image(base, key)
     images = _shard_images(base)
