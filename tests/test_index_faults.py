@@ -25,33 +25,38 @@ N_FILES, PER_FILE, N_SHARDS = 4, 8, 4
 
 @pytest.fixture(scope="module")
 def setup(ray_session, s3_server, tmp_path_factory):
-    """A tiny model and feature shards (as featurize writes them) on the real server, not
-    through the proxy; the documents the index must hold, per side."""
+    return make_corpus(s3_server.uri("indexfaults"), str(tmp_path_factory.mktemp("indexfaults")))
+
+
+def make_corpus(root: str, workdir: str, n_files: int = N_FILES, per_file: int = PER_FILE) -> dict:
+    """A tiny model and feature shards (as featurize writes them) under ``root`` (written with
+    the storage settings in effect: for the tests, the real server, not the proxy); the
+    documents the index must hold, per side."""
     import io
+    import os
 
     from pipelines.index import caption_id
     from sdray.backbones import save_tiny
     from sdray.config import from_dict
     from sdray.model import RetrievalModel
 
-    tiny = save_tiny("clip", tmp_path_factory.mktemp("indexfaults") / "tinyclip")
+    tiny = save_tiny("clip", os.path.join(workdir, "tinyclip"))
     cfg = from_dict({"backbone": {"name": "clip", "path": str(tiny), "image_size": 32, "max_text_length": 64},
                      "heads": {"topk_text": 8, "topk_image": 8}})
-    root = s3_server.uri("indexfaults")
     model = RetrievalModel.create(cfg)
     model.save(storage.join(root, "model"))
     td, idim = model.backbone.text_dim, model.backbone.image_dim
     rng = np.random.default_rng(5)
     images, captions = set(), set()
-    for f in range(N_FILES):
-        sids = [f"part-{f}/{i:04d}" for i in range(PER_FILE)]
-        caps = [f"caption {f} {i}" for i in range(PER_FILE)]
+    for f in range(n_files):
+        sids = [f"part-{f}/{i:04d}" for i in range(per_file)]
+        caps = [f"caption {f} {i}" for i in range(per_file)]
         table = pa.table({
             "sample_id": sids, "image_id": sids, "caption": caps,
             "text_features": pa.FixedSizeListArray.from_arrays(
-                pa.array(rng.standard_normal(PER_FILE * td).astype(np.float32)), td),
+                pa.array(rng.standard_normal(per_file * td).astype(np.float32)), td),
             "image_features": pa.FixedSizeListArray.from_arrays(
-                pa.array(rng.standard_normal(PER_FILE * idim).astype(np.float32)), idim)})
+                pa.array(rng.standard_normal(per_file * idim).astype(np.float32)), idim)})
         buf = io.BytesIO()
         pq.write_table(table, buf)
         storage.write_bytes(storage.join(root, "features", f"part-{f}.parquet"), buf.getvalue())
@@ -73,7 +78,7 @@ def _run(setup, out, capsys) -> tuple[int, str, str, float]:
     return rc, printed.out, printed.err, time.monotonic() - t0
 
 
-def _doc_ids(out: str) -> dict[str, list[str]]:
+def doc_ids(out: str) -> dict[str, list[str]]:
     """Every document id of the published index, per side (copies kept: duplicates show)."""
     from sdray.index import Retriever
 
@@ -84,7 +89,7 @@ def _doc_ids(out: str) -> dict[str, list[str]]:
         r.close()
 
 
-def _server_has(endpoint: str, prefix: str, needle: str):
+def server_has(endpoint: str, prefix: str, needle: str):
     """A condition for :meth:`FaultProxy.when`: an object whose key holds ``needle`` and that
     was not there when the condition was made exists under ``prefix``; checked on the real
     server (not through the proxy)."""
@@ -104,7 +109,7 @@ def _server_has(endpoint: str, prefix: str, needle: str):
 
 
 def _assert_whole(setup, out):
-    ids = _doc_ids(out)
+    ids = doc_ids(out)
     for side, expected in setup["expected"].items():
         assert len(ids[side]) == len(set(ids[side])) == len(expected), side
         assert set(ids[side]) == expected, side
@@ -118,7 +123,7 @@ def test_index_faults(setup, s3_server, monkeypatch, capsys):
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         # the store goes away once the first index file is written, for longer than the budget
         out = storage.join(setup["root"], "index")
-        watcher = proxy.when(_server_has(s3_server.endpoint, out, "/shard-"), proxy.down, poll=0.05)
+        watcher = proxy.when(server_has(s3_server.endpoint, out, "/shard-"), proxy.down, poll=0.05)
         rc, _, err, times["outage"] = _run(setup, out, capsys)
         watcher.join(5)
         assert rc == EXIT_STORAGE, err
@@ -137,7 +142,7 @@ def test_index_faults(setup, s3_server, monkeypatch, capsys):
 
         proxy.reset(3)
         proxy.stall(2)
-        watcher = proxy.when(_server_has(s3_server.endpoint, storage.join(out, before["version"]), "/shard-"),
+        watcher = proxy.when(server_has(s3_server.endpoint, storage.join(out, before["version"]), "/shard-"),
                              writes_burst, poll=0.05)
         rc, printed, err, times["rerun"] = _run(setup, out, capsys)
         watcher.join(5)

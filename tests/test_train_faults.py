@@ -15,7 +15,7 @@ from pipelines.cli import main as cli
 from sdray import storage
 from tests.faultproxy import FaultProxy
 from tests.test_featurize_faults import BUDGET
-from tests.test_index_faults import _server_has
+from tests.test_index_faults import server_has
 from sdray.training import HEADS_FILE, OPTIM_FILE, STATE_FILE
 from tests.test_train_pipeline import write_feature_split
 
@@ -57,7 +57,7 @@ def test_train_checkpoint_upload_survives_faults(ray_session, s3_server, tmp_pat
             proxy.answer_503(2.0)
 
         # the burst starts once the first checkpoint is on the server: the later uploads meet it
-        watcher = proxy.when(_server_has(s3_server.endpoint, storage.join(out, "run"), ".safetensors"),
+        watcher = proxy.when(server_has(s3_server.endpoint, storage.join(out, "run"), ".safetensors"),
                              burst, poll=0.05)
         t0 = time.monotonic()
         with storage.retries(BUDGET):
