@@ -39,9 +39,9 @@ class StorageError(OSError):
 
 
 class ShardStorageError(StorageError):
-    """A shard that could not be read (or an object that could not be written) after every
-    retry: a fault, not bad data. Ray Data retries the task on it; when those retries run out too, the job fails
-    with this message, which names the shard and the cause."""
+    """A shard or other object that could not be read or written after every retry: a fault,
+    not bad data. Ray Data retries the task on it; when those retries run out too, the job
+    fails with this message, which names the object and the cause."""
 
 
 _S3_OVERRIDES: dict[str, str] = {}
