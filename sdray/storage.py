@@ -265,8 +265,11 @@ def join(uri: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
+    """Whether ``uri`` exists; on S3 retried like a read (a fault is never taken for "absent")."""
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    if not is_remote(uri):
+        return fs.exists(path)
+    return call_with_retries(lambda: fs.exists(path), f"checking {uri}")
 
 
 def makedirs(uri: str) -> None:
@@ -358,21 +361,23 @@ def write_json(uri: str, obj: Any) -> None:
 def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     """Sorted URIs of the files under ``uri`` (recursive), keeping only ``suffixes`` if given."""
     fs, path = filesystem(uri)
-    try:
+
+    def find() -> list[str]:
         if is_remote(uri):
             fs.invalidate_cache()       # other processes (Ray workers) may have written
         if not fs.exists(path):
             return []
         if fs.isfile(path):
-            found = [path]
-        else:
-            found = [p for p in fs.find(path) if not fs.isdir(p)]
-    except (FileNotFoundError, StorageError):
-        raise
-    except Exception as err:
-        if is_remote(uri):
+            return [path]
+        return [p for p in fs.find(path) if not fs.isdir(p)]
+
+    if not is_remote(uri):
+        found = find()
+    else:           # retried like a read; refused credentials fail at once, explained
+        try:
+            found = call_with_retries(find, f"listing {uri}")
+        except PermissionError as err:
             raise explain_error(uri, err) from err
-        raise
     prefix = "s3://" if str(uri).startswith("s3://") else ""
     keep = [p for p in found if not suffixes or p.endswith(suffixes)]
     return sorted(prefix + p for p in keep)

@@ -143,3 +143,15 @@ def test_checkpoint_filesystem_takes_sdray_retries(s3_server, proxied):
     put(FAST)
     proxied.clear()
     assert storage.read_bytes(uri) == b"z" * 1000
+
+
+def test_listing_and_exists_are_retried(s3_server, proxied):
+    uri = s3_server.uri("faults-unit", "listed")
+    storage.write_bytes(storage.join(uri, "a.bin"), b"a")
+    proxied.reset(3)             # more than botocore's 2 attempts per request
+    assert storage.list_files(uri) == [storage.join(uri, "a.bin")]
+    proxied.reset(3)
+    assert storage.exists(storage.join(uri, "a.bin"))
+    proxied.down()
+    with pytest.raises(storage.ShardStorageError, match=r"listing s3://.*listed failed after 3 attempts"):
+        storage.list_files(uri)
