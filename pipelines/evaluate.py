@@ -29,18 +29,20 @@ FEATURE_SPLIT_COLUMNS = ("image_id", "caption", "input_ids", "text_features", "i
 
 
 def read_feature_columns(uri: str, columns: tuple[str, ...] = FEATURE_SPLIT_COLUMNS) -> dict[str, Any]:
-    """All feature rows under ``uri`` as in-memory columns (pyarrow; no Ray)."""
+    """All feature rows under ``uri`` as in-memory columns (pyarrow; no Ray). Each file is read
+    whole first (retried; a storage fault raises :class:`~sdray.storage.ShardStorageError` naming
+    the file), then parsed."""
+    import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = storage.list_files(uri, (".parquet",))
     if not files:
         raise FileNotFoundError(f"no feature shards (.parquet) under {uri}")
-    fs, _ = storage.pyarrow_filesystem(uri)
     tables = []
     for f in files:
-        path = f[len("s3://"):] if f.startswith("s3://") else f
-        t = pq.read_table(path, filesystem=fs)
+        t = pq.read_table(io.BytesIO(storage.read_bytes(f)))
         tables.append(t.select([c for c in columns if c in t.column_names]))
     table = pa.concat_tables(tables)
     out: dict[str, Any] = {}

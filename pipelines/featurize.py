@@ -166,8 +166,7 @@ class Featurizer:
         cfg = self.storage_cfg
         if n:
             data = _parquet_bytes(pa.concat_tables(tables))
-            storage.call_with_retries(lambda: storage.write_bytes_atomic(output, data),
-                                      f"writing {output} (features of shard {shard})", cfg)
+            storage.write_bytes_atomic(output, data)      # retried; a fault names the object
         upstream = storage.call_with_retries(lambda: upstream_failures(shard),
                                              f"reading the download stats of shard {shard}", cfg)
         rec = {"shard": shard, "shard_id": shard_id, "output": output, "n_samples": n,
@@ -176,8 +175,7 @@ class Featurizer:
                "text_dim": self.backbone.text_dim, "image_dim": self.backbone.image_dim,
                "seconds": round(time.time() - t0, 3)}
         body = json.dumps(rec, sort_keys=True).encode("utf-8")
-        storage.call_with_retries(lambda: storage.write_bytes_atomic(record, body),
-                                  f"writing the record of shard {shard}", cfg)
+        storage.write_bytes_atomic(record, body)
         return rec
 
     def __call__(self, batch: dict) -> dict:
@@ -339,8 +337,7 @@ def _featurize(data: str, out: str, backbone_cfg: BackboneConfig, data_cfg: Data
     if m["n_samples"] == 0 and len(done) == len(all_shards):
         raise ValueError(f"no sample kept from the {len(all_shards)} shards under {data} "
                          f"(skipped: {_summary(m['skips'])}); nothing written to {out}")
-    storage.call_with_retries(lambda: storage.write_json(storage.join(out, MANIFEST), m),
-                              f"writing {storage.join(out, MANIFEST)}", storage_cfg)
+    storage.write_json(storage.join(out, MANIFEST), m)
     log(f"done: {m['n_samples']} samples in {len(m['shards_done'])} shards; skipped: "
         f"{_summary(m['skips'])}" + (f"; failed upstream downloads: {_summary(m['upstream'])}"
                                      if m["upstream"] else ""))

@@ -301,7 +301,7 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int | None = None, 
     """
     import ray
 
-    from pipelines.datasets import SkipCounter, ensure_ray, read_features, read_image_text
+    from pipelines.datasets import SkipCounter, ensure_ray, read_features, read_image_text, retry_shard_tasks
     from sdray.evaluation import fusion_params
     from sdray.index import IndexConfig, manifest as mf
     from sdray.model import RetrievalModel
@@ -379,18 +379,22 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int | None = None, 
             ds = read_image_text(corpus, data_cfg, preprocessor, counter=counter).select_columns(
                 ["sample_id", "image_id", "caption", "key", "url", "shard", "pixels", "input_ids",
                  "attention_mask"])
+        retry_shard_tasks(ds, storage.retry_config())
+        # this job's S3 and retry settings reach its actors and tasks even on a cluster started
+        # with others
+        env = {"runtime_env": {"env_vars": storage.s3_env()}} if storage.s3_env() else {}
         encoded = ds.map_batches(
             Encoder, fn_constructor_kwargs={
                 "model_uri": model_uri, "n_shards": shards, "pending": pending, "sides": sides,
                 "sources": feature_sources(corpus) if features else None, "tally": tally,
                 "use_gpu": use_gpu, "threads": None if use_gpu else threads},
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=num_gpus_per_actor if use_gpu else 0, num_cpus=1)
+            num_gpus=num_gpus_per_actor if use_gpu else 0, num_cpus=1, **env)
         results = encoded.groupby("shard", num_partitions=min(len(pending), 256)).map_groups(
             _build_group, fn_kwargs={"out": out, "version": version, "config": cfg.model_dump(),
                                      "n_shards": shards, "sides": sides, "vocab_size": len(vocab),
                                      "dense_dim": dense_dim, "threads": None if use_gpu else threads},
-            batch_format="pyarrow")
+            batch_format="pyarrow", **env)
         bar = Progress("index", len(pending), "shards", enabled=None if progress else False)
         for row in results.iter_rows():
             s = int(row["shard"])
@@ -419,7 +423,7 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int | None = None, 
         log(f"{samples} valid samples" + (f"; skipped {sum(skips.values())} ({skips})" if skips else ""))
 
     # 4. publish -------------------------------------------------------------------------------
-    storage.write_bytes(storage.join(out, version, mf.VOCAB), json.dumps(vocab).encode("utf-8"))
+    mf.write_atomic(storage.join(out, version, mf.VOCAB), json.dumps(vocab).encode("utf-8"))
     manifest = mf.make_manifest(
         version, [infos[s] for s in range(shards)], model=model_uri, config=cfg.model_dump(), fusion=fusion,
         has_vocab=True, extra={"corpus": corpus, "corpus_kind": "features" if features else "raw",

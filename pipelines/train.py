@@ -503,6 +503,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[sdray train] method {cfg.loss.method}, {mode} mode, {n_rows} pairs, {workers} worker(s) "
           f"x batch {per_worker}, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs"
           + (f", init {args.init} ({len(copied)} tensors)" if args.init else ""), flush=True)
+    # Ray Train writes checkpoints through pyarrow, not fsspec: give it an S3 client with the
+    # same endpoint, retries and timeouts (StorageConfig) as every other storage call
+    storage_fs, storage_path = storage.pyarrow_s3(out) if storage.is_remote(out) else (None, out)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -511,7 +514,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),
         datasets=datasets,
         dataset_config=ingest_config(),
-        run_config=RunConfig(name=RUN_NAME, storage_path=out,
+        run_config=RunConfig(name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
+                             # this job's S3 and retry settings reach the workers' own writes
+                             worker_runtime_env={"env_vars": storage.s3_env()} if storage.s3_env() else None,
                              failure_config=FailureConfig(max_failures=args.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

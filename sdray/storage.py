@@ -39,9 +39,9 @@ class StorageError(OSError):
 
 
 class ShardStorageError(StorageError):
-    """A shard that could not be read (or its output written) after every retry: a fault, not
-    bad data. Ray Data retries the task on it; when those retries run out too, the job fails
-    with this message, which names the shard and the cause."""
+    """A shard or other object that could not be read or written after every retry: a fault,
+    not bad data. Ray Data retries the task on it; when those retries run out too, the job
+    fails with this message, which names the object and the cause."""
 
 
 _S3_OVERRIDES: dict[str, str] = {}
@@ -222,6 +222,40 @@ def pyarrow_filesystem(uri: str):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def pyarrow_s3(uri: str):
+    """``(pyarrow S3FileSystem, path)`` with this process's endpoint, credentials and
+    :class:`~sdray.config.StorageConfig` retries and timeouts, for libraries that write through
+    pyarrow's own S3 client, e.g. Ray Train checkpoints (``RunConfig(storage_filesystem=...)``).
+
+    Without it Ray Train resolves ``s3://`` with ``pyarrow.fs.FileSystem.from_uri``: the AWS
+    SDK's default retries and timeouts, whatever ``SDRAY_STORAGE_*`` says.
+    """
+    from urllib.parse import urlparse
+
+    import pyarrow.fs as pafs
+
+    if not str(uri).startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri}")
+    cfg = retry_config()
+    kwargs: dict[str, Any] = {
+        # pyarrow has no whole-object layer above its requests: they get the attempts that
+        # write_bytes would make in all (botocore's per request x call_with_retries' per object)
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts * cfg.shard_attempts),
+        "connect_timeout": cfg.connect_timeout_s, "request_timeout": cfg.read_timeout_s}
+    endpoint = _setting("AWS_ENDPOINT_URL_S3") or _setting("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    key, secret = _setting("AWS_ACCESS_KEY_ID"), _setting("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=_setting("AWS_SESSION_TOKEN"))
+    region = _setting("AWS_DEFAULT_REGION") or _setting("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs), str(uri)[len("s3://"):].rstrip("/")
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with ``/``."""
     out = str(uri).rstrip("/")
@@ -231,8 +265,11 @@ def join(uri: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
+    """Whether ``uri`` exists; on S3 retried like a read (a fault is never taken for "absent")."""
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    if not is_remote(uri):
+        return fs.exists(path)
+    return call_with_retries(lambda: fs.exists(path), f"checking {uri}")
 
 
 def makedirs(uri: str) -> None:
@@ -250,20 +287,32 @@ def open_uri(uri: str, mode: str = "rb"):
     return fs.open(path, mode)
 
 
-def read_bytes(uri: str) -> bytes:
+def _read_once(uri: str) -> bytes:
     with open_uri(uri, "rb") as f:
         return f.read()
+
+
+def read_bytes(uri: str) -> bytes:
+    """All bytes at ``uri``. Remote reads are retried whole (:func:`call_with_retries`): a missing
+    object raises ``FileNotFoundError`` at once, a fault past the retries
+    :class:`ShardStorageError` naming ``uri``."""
+    if not is_remote(uri):
+        return _read_once(uri)
+    return call_with_retries(lambda: _read_once(uri), f"reading {uri}")
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri``. On S3 one ``put_object`` with the bytes as body: a file-like
     body would make botocore send ``Expect: 100-continue``, whose wait has no timeout, so a
-    stalled server would hang the write forever instead of timing out (``read_timeout_s``). The
-    whole write also has a deadline, ``write_timeout_s`` (fsspec raises ``FSTimeoutError``), since
-    a stalled upload was seen to outlive every socket timeout."""
+    stalled server would hang the write forever instead of timing out (``read_timeout_s``). Each
+    attempt also has a deadline, ``write_timeout_s`` (fsspec raises ``FSTimeoutError``), since
+    a stalled upload was seen to outlive every socket timeout; the whole write is retried
+    (:func:`call_with_retries`), then fails with :class:`ShardStorageError` naming ``uri``."""
     if is_remote(uri):
         fs, path = filesystem(uri)
-        fs.pipe_file(path, bytes(data), timeout=retry_config().write_timeout_s)
+        body = bytes(data)
+        call_with_retries(lambda: fs.pipe_file(path, body, timeout=retry_config().write_timeout_s),
+                          f"writing {uri}")
         return
     with open_uri(uri, "wb") as f:
         f.write(data)
@@ -296,7 +345,7 @@ def read_shard_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     """All bytes of the shard at ``uri`` (:func:`call_with_retries`); a missing or forbidden
     shard raises :class:`ShardStorageError` too. Only I/O happens here, so any error is a fault."""
     try:
-        return call_with_retries(lambda: read_bytes(uri), f"reading shard {uri}", cfg)
+        return call_with_retries(lambda: _read_once(uri), f"reading shard {uri}", cfg)
     except (PermissionError, FileNotFoundError) as err:
         raise ShardStorageError(f"reading shard {uri}: {explain_error(uri, err)}") from err
 
@@ -312,21 +361,23 @@ def write_json(uri: str, obj: Any) -> None:
 def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     """Sorted URIs of the files under ``uri`` (recursive), keeping only ``suffixes`` if given."""
     fs, path = filesystem(uri)
-    try:
+
+    def find() -> list[str]:
         if is_remote(uri):
             fs.invalidate_cache()       # other processes (Ray workers) may have written
         if not fs.exists(path):
             return []
         if fs.isfile(path):
-            found = [path]
-        else:
-            found = [p for p in fs.find(path) if not fs.isdir(p)]
-    except (FileNotFoundError, StorageError):
-        raise
-    except Exception as err:
-        if is_remote(uri):
+            return [path]
+        return [p for p in fs.find(path) if not fs.isdir(p)]
+
+    if not is_remote(uri):
+        found = find()
+    else:           # retried like a read; refused credentials fail at once, explained
+        try:
+            found = call_with_retries(find, f"listing {uri}")
+        except PermissionError as err:
             raise explain_error(uri, err) from err
-        raise
     prefix = "s3://" if str(uri).startswith("s3://") else ""
     keep = [p for p in found if not suffixes or p.endswith(suffixes)]
     return sorted(prefix + p for p in keep)

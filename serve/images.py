@@ -11,6 +11,10 @@ An index row's ``uri`` (``meta.parquet``) may be:
 * a ``data:image/...;base64,`` URI.
 
 :func:`thumbnail` shrinks any of these to a JPEG of at most ``size`` pixels a side.
+
+Storage reads are retried per :class:`~sdray.config.StorageConfig`; a missing object or sample is
+``FileNotFoundError``/``KeyError`` (the endpoint's 404), a fault past the retries a
+:class:`~sdray.storage.StorageError` (its 503).
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def _shard_images(shard_uri: str) -> dict[str, bytes]:
             _SHARD_CACHE.move_to_end(shard_uri)
             return got
     images: dict[str, bytes] = {}
-    with storage.open_uri(shard_uri, "rb") as f:
+    data = storage.read_bytes(shard_uri)  # retried; a fault past the retries raises, never a short shard
+    with io.BytesIO(data) as f:         # read whole first: a parse error here is bad data, not a fault
         for sample in iter_shard_samples(f, shard_uri, SkipCounts()):
             key = sample["sample_id"].split("/", 1)[-1]
             images[key] = sample["image"]
@@ -106,7 +111,8 @@ def tar_members(f) -> dict[str, tuple[int, int]]:
         pos = data + (size + BLOCK - 1) // BLOCK * BLOCK
 
 
-def _tar_image(shard_uri: str, key: str) -> bytes:
+def _tar_member(shard_uri: str, key: str) -> bytes | None:
+    """The image bytes of sample ``key`` (None if the tar has no such member); storage I/O only."""
     with _LOCK:
         members = _TAR_INDEX.get(shard_uri)
     with storage.open_uri(shard_uri, "rb") as f:
@@ -121,12 +127,29 @@ def _tar_image(shard_uri: str, key: str) -> bytes:
                 if name in members:
                     offset, size = members[name]
                     f.seek(offset)
-                    return f.read(size)
-    raise KeyError(f"sample {key!r} not found in {shard_uri}")
+                    data = f.read(size)
+                    if len(data) != size:
+                        raise OSError(f"{shard_uri}: member {name} cut short ({len(data)} of {size} bytes)")
+                    return data
+    return None
+
+
+def _tar_image(shard_uri: str, key: str) -> bytes:
+    """Retried per :class:`~sdray.config.StorageConfig`: a missing shard raises
+    ``FileNotFoundError`` at once (a 404), a fault that outlives the retries
+    :class:`~sdray.storage.ShardStorageError` (a 503), never ``KeyError``."""
+    data = storage.call_with_retries(lambda: _tar_member(shard_uri, key), f"reading sample {key!r} of {shard_uri}")
+    if data is None:
+        raise KeyError(f"sample {key!r} not found in {shard_uri}")
+    return data
 
 
 def read_image_bytes(uri: str) -> bytes:
-    """The original image bytes behind ``uri`` (see module docstring); KeyError if absent."""
+    """The original image bytes behind ``uri`` (see module docstring).
+
+    Raises ``KeyError`` / ``FileNotFoundError`` when the sample or object does not exist, and
+    :class:`~sdray.storage.StorageError` (an ``OSError``) when the store failed past its retries:
+    a fault never looks like a missing image."""
     if uri.startswith("data:"):
         _, _, payload = uri.partition(",")
         return base64.b64decode(payload)

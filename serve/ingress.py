@@ -597,6 +597,10 @@ class Ingress:
         except (KeyError, FileNotFoundError, ValueError):
             log.warning("image %r: stored bytes unavailable", doc_id[:80], exc_info=True)
             raise ApiError(404, f"image {doc_id[:80]!r} is indexed but its bytes are unavailable") from None
+        except OSError:     # the store failed past its retries: not a missing image
+            log.warning("image %r: storage fault", doc_id[:80], exc_info=True)
+            raise Unavailable("image storage is unavailable; retry shortly",
+                              self.cfg.ingress.retry_after_s) from None
 
     @api.get("/v1/info", summary="Index version, model, sides, counts, fusion defaults and limits")
     async def info(self, request: Request):

@@ -181,3 +181,47 @@ def test_concurrent_queries_share_one_forward_pass_and_equal_unbatched_ones(demo
         np.testing.assert_allclose(b["dense"], s["dense"], rtol=1e-5, atol=1e-6)
         assert b["sparse_ids"].tolist() == s["sparse_ids"].tolist()
         np.testing.assert_allclose(b["sparse_vals"], s["sparse_vals"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_thumbnail_storage_fault_is_retried_or_503_and_a_missing_object_is_404(s3_server, tmp_path, monkeypatch):
+    """Thumbnails read from the real S3 server behind a fault-injecting proxy: transient resets
+    are retried (200), a store that stays down answers 503 (JSON, Retry-After, no exception
+    text), and an object that really is gone answers 404."""
+    from sdray import storage
+    from sdray.config import StorageConfig
+    from serve.testing import build_demo_index
+    from tests.faultproxy import FaultProxy
+
+    demo_s3 = build_demo_index(s3_server.uri("ingress-faults"), n_images=4, shards=3)
+    budget = StorageConfig(max_attempts=2, connect_timeout_s=1, read_timeout_s=1, write_timeout_s=3,
+                           body_attempts=1, shard_attempts=3, backoff_s=0.05, backoff_max_s=0.2)
+    with FaultProxy(s3_server.port) as proxy, storage.retries(budget):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        ing = _ingress(demo_s3)
+
+        def get(doc_id, size):
+            return asyncio.run(ing.image(doc_id, _request("GET", f"/v1/images/{doc_id}"), size))
+
+        first, second, third = demo_s3.image_ids[:3]
+        assert get(first, 64).status_code == 200            # loads the snapshot, indexes the tar
+        proxy.reset(3)
+        resp = get(second, 64)
+        assert resp.status_code == 200 and resp.body[:2] == b"\xff\xd8", proxy.injected
+        assert proxy.injected["reset"] == 3
+
+        proxy.down()
+        resp = get(third, 64)
+        body = json.loads(resp.body)
+        assert resp.status_code == 503 and resp.headers["retry-after"] and set(body) == {"error"}, body
+        assert "Error" not in body["error"] and "s3://" not in body["error"], body
+
+        proxy.up()
+        assert get(third, 64).status_code == 200            # back: the same image is served
+        fs, path = storage.filesystem(demo_s3.corpus)       # the corpus really is gone
+        fs.rm(path)
+        from serve import images
+
+        images._TAR_INDEX.clear()
+        resp = get(first, 96)                                # not cached at this size
+        assert resp.status_code == 404 and set(json.loads(resp.body)) == {"error"}

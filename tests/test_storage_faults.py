@@ -16,7 +16,7 @@ from tests import data_fixtures as F
 from tests.faultproxy import FaultProxy
 
 # tiny budgets so that a permanent fault fails within seconds
-FAST = StorageConfig(max_attempts=2, connect_timeout_s=1, read_timeout_s=1, body_attempts=1,
+FAST = StorageConfig(max_attempts=2, connect_timeout_s=1, read_timeout_s=1, write_timeout_s=3, body_attempts=1,
                      shard_attempts=3, backoff_s=0.05, backoff_max_s=0.2, task_retries=1)
 
 
@@ -109,3 +109,49 @@ def test_storage_fault_is_found_behind_wrappers():
     found = storage.storage_fault(text)
     assert isinstance(found, storage.ShardStorageError) and str(found).startswith("reading shard s3://b/y.tar")
     assert storage.storage_fault(ValueError("no sample kept")) is None
+
+
+def test_a_write_is_retried_whole_and_a_lasting_fault_names_the_object(s3_server, proxied):
+    uri = s3_server.uri("faults-unit", "written.bin")
+    proxied.stall(1)             # a stalled PUT outlives botocore's timeouts: the write is retried
+    proxied.reset(2)
+    storage.write_bytes(uri, b"x" * 1000)
+    assert storage.read_bytes(uri) == b"x" * 1000
+    proxied.down()
+    with pytest.raises(storage.ShardStorageError, match=r"writing s3://.*written\.bin failed after 3 attempts"):
+        storage.write_bytes(uri, b"y")
+
+
+def test_checkpoint_filesystem_takes_sdray_retries(s3_server, proxied):
+    """Ray Train's checkpoints go through pyarrow's own S3 client (not fsspec/botocore):
+    :func:`storage.pyarrow_s3` gives it this job's endpoint and StorageConfig, so the attempt
+    budget applies to checkpoints too: with one attempt a reset fails the upload loudly, with
+    max_attempts x shard_attempts = 6 four resets in a row are survived."""
+    uri = s3_server.uri("faults-unit", "checkpoint.bin")
+
+    def put(cfg: StorageConfig) -> None:
+        with storage.retries(cfg):
+            fs, path = storage.pyarrow_s3(uri)
+        with fs.open_output_stream(path) as f:
+            f.write(b"z" * 1000)
+
+    proxied.reset(1)
+    with pytest.raises(OSError, match="checkpoint.bin"):
+        put(FAST.model_copy(update={"max_attempts": 1, "shard_attempts": 1}))
+    proxied.clear()
+    proxied.reset(4)
+    put(FAST)
+    proxied.clear()
+    assert storage.read_bytes(uri) == b"z" * 1000
+
+
+def test_listing_and_exists_are_retried(s3_server, proxied):
+    uri = s3_server.uri("faults-unit", "listed")
+    storage.write_bytes(storage.join(uri, "a.bin"), b"a")
+    proxied.reset(3)             # more than botocore's 2 attempts per request
+    assert storage.list_files(uri) == [storage.join(uri, "a.bin")]
+    proxied.reset(3)
+    assert storage.exists(storage.join(uri, "a.bin"))
+    proxied.down()
+    with pytest.raises(storage.ShardStorageError, match=r"listing s3://.*listed failed after 3 attempts"):
+        storage.list_files(uri)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -27,6 +28,8 @@ from typing import Any
 
 from sdray import storage
 from sdray.index.shard import SHARD_JSON, IndexFileError, read_index_json, sha256
+
+log = logging.getLogger(__name__)
 
 POINTER = "CURRENT.json"
 BUILDING = "_building.json"
@@ -60,7 +63,8 @@ def fingerprint(obj: Any) -> str:
 
 
 def write_atomic(uri: str, data: bytes) -> None:
-    """Replace the object at ``uri`` in one step (temp file + ``os.replace`` locally, one PUT on S3)."""
+    """Replace the object at ``uri`` in one step (temp file + ``os.replace`` locally, one PUT on
+    S3, retried as :func:`sdray.storage.write_bytes` says)."""
     if storage.is_remote(uri):
         storage.write_bytes(uri, data)
         return
@@ -86,7 +90,7 @@ def begin_build(out: str, fp: str, version: str | None = None) -> tuple[str, boo
     if version is None and storage.exists(marker):
         try:
             pending = storage.read_json(marker)
-        except (ValueError, OSError):
+        except ValueError:              # a corrupt marker: start a new version (a storage fault raises)
             pending = {}
         if pending.get("fingerprint") == fp and pending.get("version"):
             return pending["version"], True
@@ -105,7 +109,7 @@ def shard_done(out: str, version: str, shard: int, sides: tuple[str, ...]) -> di
             return None
         try:
             infos[side] = storage.read_json(uri)
-        except (ValueError, OSError):
+        except ValueError:              # a corrupt shard.json: rebuild the shard (a storage fault raises)
             return None
     return infos
 
@@ -143,7 +147,7 @@ def make_manifest(
 def publish(out: str, version: str, manifest: dict) -> None:
     """Write the manifest, then the pointer (last), then drop the build marker."""
     data = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
-    storage.write_bytes(storage.join(out, version, MANIFEST), data)
+    write_atomic(storage.join(out, version, MANIFEST), data)
     pointer = {"version": version, "manifest_sha256": sha256(data)}
     write_atomic(storage.join(out, POINTER), json.dumps(pointer, sort_keys=True).encode("utf-8"))
     marker = storage.join(out, BUILDING)
@@ -151,8 +155,9 @@ def publish(out: str, version: str, manifest: dict) -> None:
         fs, path = storage.filesystem(marker)
         if fs.exists(path):
             fs.rm(path)
-    except OSError:
-        pass
+    except OSError as err:   # published already; a marker left behind only makes the next
+        # build with the same inputs republish this version
+        log.warning("published %s, but the build marker %s could not be removed (%s)", version, marker, err)
 
 
 def current_version(out: str) -> str | None:
