@@ -34,6 +34,7 @@ import torch
 
 from sdray import config as config_lib
 from sdray.evaluation import dedupe, encode, evaluate_features, rsum
+from sweep import mean_std  # benchmarks/ is the script's folder
 
 
 def load_runs(path: str, names: list[str]) -> list[dict]:
@@ -125,11 +126,6 @@ def measure(runs_path: str, row: dict, data: dict, depths: list[int], topks: lis
     return out
 
 
-def _ms(xs: list[float]) -> str:
-    xs = [100 * x for x in xs]
-    return f"{np.mean(xs):.1f}" + (f" ± {np.std(xs, ddof=1):.1f}" if len(xs) > 1 else "")
-
-
 def tables(results: list[dict]) -> str:
     by: dict[str, list[dict]] = {}
     for r in results:
@@ -140,12 +136,12 @@ def tables(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, rs in by.items():
         seeds = ",".join(str(r["seed"]) for r in rs)
-        lines.append(f"| {name} | {seeds} | brute force | {_ms([r['brute']['hybrid']['rsum'] for r in rs])} | "
-                     f"{_ms([r['brute']['hybrid']['t2i_R@1'] for r in rs])} | "
-                     f"{_ms([r['brute']['zscore']['rsum'] for r in rs])} | "
-                     f"{_ms([r['brute']['zscore']['t2i_R@1'] for r in rs])} |")
+        lines.append(f"| {name} | {seeds} | brute force | {mean_std([r['brute']['hybrid']['rsum'] for r in rs])} | "
+                     f"{mean_std([r['brute']['hybrid']['t2i_R@1'] for r in rs])} | "
+                     f"{mean_std([r['brute']['zscore']['rsum'] for r in rs])} | "
+                     f"{mean_std([r['brute']['zscore']['t2i_R@1'] for r in rs])} |")
         for d in rs[0]["depth"]:
-            cell = lambda k, m: _ms([r["depth"][d][k][m] for r in rs])  # noqa: E731
+            cell = lambda k, m: mean_std([r["depth"][d][k][m] for r in rs])  # noqa: E731
             lines.append(f"| {name} | {seeds} | {d} | {cell('hybrid', 'rsum')} | {cell('hybrid', 't2i_R@1')} | "
                          f"{cell('zscore', 'rsum')} | {cell('zscore', 't2i_R@1')} |")
     lines += ["", "Top-k pruning of the sparse vectors (brute force; fusion weight as chosen on val "
@@ -155,11 +151,11 @@ def tables(results: list[dict]) -> str:
     for name, rs in by.items():
         seeds = ",".join(str(r["seed"]) for r in rs)
         for k in rs[0]["topk"]:
-            cell = lambda rep, m: _ms([r["topk"][k][rep][m] for r in rs])  # noqa: E731
+            cell = lambda rep, m: mean_std([r["topk"][k][rep][m] for r in rs])  # noqa: E731
             nnz = [np.mean([r["topk"][k]["nnz"][i] for r in rs]) for i in (0, 1)]
             lines.append(f"| {name} | {seeds} | {k} | {cell('sparse', 'rsum')} | {cell('hybrid', 'rsum')} | "
                          f"{cell('hybrid', 't2i_R@1')} | {nnz[0]:.0f} / {nnz[1]:.0f} | "
-                         f"{_ms([r['brute']['dense']['t2i_R@1'] for r in rs])} |")
+                         f"{mean_std([r['brute']['dense']['t2i_R@1'] for r in rs])} |")
     return "\n".join(lines)
 
 

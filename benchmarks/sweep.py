@@ -189,7 +189,8 @@ def run_setting(name, method, init_state, overrides, train, val, base_overrides,
     return row, heads_state(heads)
 
 
-def _mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float]) -> str:
+    """Mean ± sample std of fractions, in percent (the std only with two values or more)."""
     import numpy as np
 
     xs = [100 * x for x in xs]
@@ -208,7 +209,7 @@ def eval_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, rs in by.items():
         t = [r["test"] for r in rs]
-        col = lambda k, m: _mean_std([x[k][m] for x in t])  # noqa: E731
+        col = lambda k, m: mean_std([x[k][m] for x in t])  # noqa: E731
         nnz = (sum(x["sparsity"]["text_nnz"] for x in t) / len(t), sum(x["sparsity"]["image_nnz"] for x in t) / len(t))
         lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {col('dense', 'rsum')} | "
                      f"{col('sparse', 'rsum')} | {col('hybrid', 'rsum')} | {col('hybrid_per_direction', 'rsum')} | "
