@@ -251,8 +251,11 @@ def test_search_page_shows_results_in_a_real_browser(app, tmp_path):
             assert first.get_attribute("data-id") in demo.image_ids
             assert "dense" in first.inner_text() and "sparse" in first.inner_text()
             assert first.locator(".term").count() > 0
-            page.wait_for_function(  # thumbnails load through /v1/images
-                "document.querySelector('#results .hit img').naturalWidth > 0", timeout=20_000)
+            thumb = first.locator("img")  # thumbnails load through /v1/images
+            deadline = time.time() + 20
+            while thumb.evaluate("img => img.naturalWidth") == 0 and time.time() < deadline:
+                time.sleep(0.2)  # polled from Python: a string predicate would need the eval CSP forbids
+            assert thumb.evaluate("img => img.naturalWidth") > 0
             page.check("input[name=mode][value=sparse]")
             # locator waits, not string predicates: the page's CSP forbids eval, Playwright's too
             expect(page.locator("#status")).to_contain_text("sparse", timeout=20_000)
