@@ -163,12 +163,10 @@ class Featurizer:
                 if len(batch["sample_id"]):
                     tables.append(self.features(batch))
         n = sum(t.num_rows for t in tables)
-        cfg = self.storage_cfg
         if n:
             data = _parquet_bytes(pa.concat_tables(tables))
             storage.write_bytes_atomic(output, data)      # retried; a fault names the object
-        upstream = storage.call_with_retries(lambda: upstream_failures(shard),
-                                             f"reading the download stats of shard {shard}", cfg)
+        upstream = upstream_failures(shard)               # read_bytes retries; a fault names the file
         rec = {"shard": shard, "shard_id": shard_id, "output": output, "n_samples": n,
                "read": len(rows), "skips": _nonzero(counts), "upstream": upstream,
                "backbone": self.backbone_cfg.model_dump(mode="json"),
