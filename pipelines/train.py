@@ -34,6 +34,7 @@ import numpy as np
 
 from sdray import config as config_lib
 from sdray import storage
+from sdray.data.epoch_cache import EpochCache
 from sdray.errors import TrainingFailed
 from sdray.model_card import write_model_card
 from sdray.progress import Progress
@@ -119,6 +120,12 @@ def _flat_val(result: dict) -> dict[str, float]:
     return out
 
 
+def stacked_features(batch: dict) -> dict:
+    """A features-mode batch with its feature columns as (B, H) float32 arrays (Ray Data hands
+    them out as object arrays of rows)."""
+    return {k: _to_numpy_rows(batch, k) if k.endswith("_features") else v for k, v in batch.items()}
+
+
 def epoch_batches(shard, per_worker: int, shuffle_buffer: int, seed: int, epoch: int):
     """One epoch of numpy batches from a worker's shard, through a local shuffle buffer seeded
     by ``seed + epoch`` (the same order for the same seed; with ``ingest_config``'s ordered
@@ -191,6 +198,15 @@ def train_loop(config: dict) -> None:
     log_every = config["log_every"]
     steps_per_epoch = config["steps_per_epoch"]
     val_cache: dict | None = None
+    # features mode: the first epoch's rows stay in memory and later epochs replay them
+    cache = EpochCache(cfg.data.epoch_cache_max_bytes if config["mode"] == "features" else 0)
+
+    def batches_of(epoch: int):
+        if cache.ready:
+            return cache.batches(per_worker, cfg.optim.seed + epoch)
+        it = epoch_batches(ray.train.get_dataset_shard("train"), per_worker, config["shuffle_buffer"],
+                           cfg.optim.seed, epoch)
+        return cache.record(map(stacked_features, it)) if cache.enabled else it
 
     def report(metrics: dict, epoch: int, batches_done: int, finished: bool = False) -> None:
         loop_state = {"epoch": epoch, "batches_done": batches_done, "history": history,
@@ -216,6 +232,12 @@ def train_loop(config: dict) -> None:
             os._exit(1)
 
     def collect_val() -> dict:
+        if config["val_features"]:
+            # feature files: one pyarrow read (a Ray Data execution here cost ~10 s per run)
+            from pipelines.evaluate import read_feature_columns
+
+            return read_feature_columns(config["val_features"],
+                                        ("image_id", "caption", "text_features", "image_features"))
         cols: dict[str, list] = {"text_features": [], "image_features": [], "image_id": [], "caption": []}
         shard = ray.train.get_dataset_shard("val")
         for b in shard.iter_batches(batch_size=256, batch_format="numpy"):
@@ -230,11 +252,16 @@ def train_loop(config: dict) -> None:
     if loop.get("finished"):
         start_epoch = epochs
     eta = Progress("train", max(0, config["total_steps"] - trainer.step), "steps", enabled=False)
+    if cache.enabled and 0 < start_epoch < epochs:
+        # resumed past the first epoch: rebuild the replayed rows from the first epoch's order,
+        # so the resumed epoch skips the batches the interrupted run had trained on
+        for _ in zip(range(steps_per_epoch), batches_of(0)):
+            pass
+        cache.seal(steps_per_epoch)
     for epoch in range(start_epoch, epochs):
         skip = loop["batches_done"] if epoch == start_epoch else 0
-        shard = ray.train.get_dataset_shard("train")
         t0, n_pairs, logs_acc = time.time(), 0, []
-        it = epoch_batches(shard, per_worker, config["shuffle_buffer"], cfg.optim.seed, epoch)
+        it = batches_of(epoch)
         done = 0
         for i, batch in enumerate(it):
             if i < skip:
@@ -262,6 +289,9 @@ def train_loop(config: dict) -> None:
             if every and trainer.step % every == 0 and done + skip < steps_per_epoch:
                 report({"epoch": epoch + 1, "step": trainer.step, "loss": logs["loss"]},
                        epoch, done + skip)
+        if cache.enabled and not cache.ready and cache.seal(steps_per_epoch) and rank == 0:
+            print(f"[sdray train] later epochs replay the {cache.num_rows} rows of this one from "
+                  f"memory ({cache.nbytes / 2**20:.0f} MiB, data.epoch_cache_max_bytes)", flush=True)
         # ---- validation (rank 0) and the stop decision
         stop = torch.zeros(1, device=device)  # NCCL broadcasts need device tensors
         metrics: dict[str, Any] = {"epoch": epoch + 1, "step": trainer.step}
@@ -487,7 +517,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total_steps = steps_per_epoch * cfg.optim.epochs
     heads, copied, special = initial_heads(cfg, args.init)
     datasets = {"train": _dataset(args.train, mode, cfg, cfg.optim.seed)}
-    if args.val:
+    if val_mode == "raw":  # feature files are read by rank 0 itself (collect_val)
         datasets["val"] = _dataset(args.val, val_mode, cfg, 0)
     marker = args.failure_marker or os.path.join(tempfile.gettempdir(), f"sdray-fail-{os.getpid()}")
     loop_config = {
@@ -496,7 +526,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "per_worker_batch": per_worker, "log_every": max(1, args.log_every),
         "shuffle_buffer": min(cfg.data.shuffle_buffer, 4 * per_worker) if cfg.data.shuffle_files else 0,
-        "has_val": bool(args.val), "fail_step": args.inject_failure_step, "fail_marker": marker,
+        "has_val": bool(args.val), "val_features": None if val_mode != "features" else (
+            args.val if storage.is_remote(args.val) else os.path.abspath(args.val)),
+        "fail_step": args.inject_failure_step, "fail_marker": marker,
         "threads": int(args.cpus_per_worker) if args.cpus_per_worker >= 1 and not args.use_gpu else None,
     }
     # A pending heads_ref inside a list keeps Ray from resolving it before the workers start.

@@ -132,6 +132,10 @@ class DataConfig(_Strict):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb limit.")
     max_caption_bytes: int = Field(4096, ge=1)
     read_batch_size: int = Field(64, ge=1)
+    epoch_cache_max_bytes: int = Field(
+        2 << 30, ge=0, description="Training on features: a worker keeps its first epoch's rows in "
+        "memory, up to this many bytes, and replays them in a seeded order in later epochs instead "
+        "of re-reading the shards (sdray/data/epoch_cache.py). 0: read every epoch.")
 
 
 class FusionConfig(_Strict):

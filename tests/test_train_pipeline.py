@@ -177,14 +177,22 @@ def test_data_order_is_a_function_of_the_seed(ray_session, tmp_path):
 
 def test_two_runs_of_one_config_give_identical_metrics(ray_session, tiny_data, tmp_path, capsys):
     """Two ``sdray train`` runs (joint with expansion control, 1 worker, shuffled data, fresh
-    seeded sparse head) of the same config on the same data: identical validation rows."""
+    seeded sparse head) of the same config on the same data: identical validation rows, even
+    when the second run's worker dies in the second epoch (whose batches come from the epoch
+    cache) and the run resumes from a mid-epoch checkpoint."""
     runs = []
     for k in range(2):
         out = str(tmp_path / f"run{k}")
-        args = _common(tiny_data, out, "joint", 2) + [
+        args = _common(tiny_data, out, "joint", 2, checkpoint_every=4) + [
             "--set", "loss.expansion_control=true", "--set", "optim.seed=7",
             "--set", "selection.max_nnz=1000", "--json"]
+        if k == 1:  # 8 steps per epoch: dies after the step-12 checkpoint, resumes at batch 4
+            args += ["--inject-failure-step", "11", "--failure-marker", str(tmp_path / "fail"),
+                     "--max-failures", "1"]
         assert cli(args) == 0
+        if k == 1:
+            assert os.path.exists(tmp_path / "fail"), "the failure was not injected"
+            assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == [12]
         capsys.readouterr()
         rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
         runs.append([{k: v for k, v in r.items() if k not in ("pairs_per_s",)}
