@@ -210,3 +210,35 @@ def test_hf_proj_dim_mismatch_and_long_captions_rejected(tiny_paths):
     with pytest.raises(ValueError, match="max_text_length"):
         load_backbone(_tiny_cfg("blip", tiny_paths, max_text_length=128))
     assert load_backbone(_tiny_cfg("clip", tiny_paths), proj_dim=PROJ_DIM).proj_dim == PROJ_DIM
+
+
+@pytest.mark.parametrize("kind", ["clip", "blip", "siglip"])
+def test_token_features_cut_padding_only_where_the_tower_ignores_it(tiny, kind, monkeypatch):
+    """Captions run in length-sorted chunks cut to their longest caption (same features, in the
+    input's order); SigLIP, whose text tower reads the padding, keeps the full padded width."""
+    bb = tiny[kind]
+    captions = CAPTIONS * 3 + ["a"]
+    ids, mask = _t(bb.preprocessor.texts(captions))
+    widths = []
+    full = bb.text_features
+
+    def spy(i, m):
+        widths.append(i.shape[1])
+        return full(i, m)
+
+    monkeypatch.setattr(bb, "text_chunk", 4)
+    monkeypatch.setattr(bb, "text_features", spy)
+    chunked = bb.token_features(ids, mask, fp16=False)
+    monkeypatch.setattr(bb, "text_features", full)
+    torch.testing.assert_close(chunked, full(ids, mask).float(), atol=1e-5, rtol=1e-5)
+    if kind == "siglip":
+        assert widths == [ids.shape[1]]
+    else:
+        assert len(widths) == 3 and max(widths) == int(mask.sum(1).max()) and min(widths) < max(widths)
+
+
+def test_token_features_keep_the_width_of_left_padded_rows(packaged):
+    ids, mask = _t(packaged.preprocessor.texts(CAPTIONS))
+    left_ids, left_mask = torch.flip(ids, [1]), torch.flip(mask, [1])  # padding first
+    got = packaged.token_features(left_ids, left_mask, fp16=False)
+    torch.testing.assert_close(got, packaged.text_features(left_ids, left_mask), atol=1e-5, rtol=1e-5)

@@ -72,6 +72,7 @@ class HFBackbone(Backbone):
     def __init__(self, cfg: BackboneConfig):
         super().__init__(hf_preprocessor(cfg))
         self.name = cfg.name
+        self.fixed_length_text = cfg.name == "siglip"
         model_class = getattr(transformers, MODEL_CLASSES[cfg.name])  # imported on use: heavy
         self.model = model_class.from_pretrained(cfg.path, dtype=torch.float32)
         max_positions = self.model.config.text_config.max_position_embeddings
