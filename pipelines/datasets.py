@@ -41,7 +41,7 @@ from sdray.data.formats import is_sidecar, iter_shard_samples, shard_id, stats_u
 from sdray.data.skips import SkipCounts
 
 SHARD_SUFFIXES = (".tar", ".parquet")
-RAW_COLUMNS = ("sample_id", "image_id", "caption", "image", "key", "url", "shard")
+RAW_COLUMNS = ("sample_id", "image_id", "caption", "image", "key", "url", "image_loc", "shard")
 
 
 # ----------------------------------------------------------------------------- Ray setup
@@ -272,7 +272,8 @@ def read_image_text(uri: str | list[str], data_cfg: DataConfig | None = None, pr
         storage_cfg: retries of the shard reads (default: :func:`sdray.storage.retry_config`).
 
     Every row also has ``sample_id``, ``image_id``, ``caption``, ``key``, ``url`` (img2dataset's
-    source URL or ``None``) and ``shard`` (the input shard URI). A shard that cannot be read
+    source URL or ``None``), ``image_loc`` (where the image bytes sit in the shard,
+    :mod:`sdray.data.locations`, or ``None``) and ``shard`` (the input shard URI). A shard that cannot be read
     after every retry fails the job with :class:`~sdray.storage.ShardStorageError`.
     """
     import ray

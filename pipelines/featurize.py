@@ -38,7 +38,7 @@ from sdray.progress import Progress
 
 MANIFEST = "manifest.json"
 RECORDS = "_shards"            # OUT/_shards/<shard id>.json: one record per finished input shard
-FEATURE_COLUMNS = ("sample_id", "image_id", "caption", "key", "url", "input_ids",
+FEATURE_COLUMNS = ("sample_id", "image_id", "caption", "key", "url", "image_loc", "input_ids",
                    "text_features", "image_features")
 
 
@@ -106,7 +106,7 @@ class Featurizer:
 
     def features(self, batch: dict) -> "Any":
         """Decoded batch (``pixels`` (B,3,S,S), ``input_ids``/``attention_mask`` (B,L), ids,
-        captions, ``key``, ``url``) -> a pyarrow table of :data:`FEATURE_COLUMNS`."""
+        captions, ``key``, ``url``, ``image_loc``) -> a pyarrow table of :data:`FEATURE_COLUMNS`."""
         import pyarrow as pa
 
         n = len(batch["sample_id"])
@@ -124,6 +124,7 @@ class Featurizer:
             "caption": pa.array([str(x) for x in batch["caption"]], pa.string()),
             "key": pa.array([str(x) for x in batch["key"]], pa.string()),
             "url": pa.array([None if x is None else str(x) for x in batch["url"]], pa.string()),
+            "image_loc": pa.array([None if x is None else str(x) for x in batch["image_loc"]], pa.string()),
             "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32())),
             "text_features": pa.FixedSizeListArray.from_arrays(
                 pa.array(txt.ravel(), pa.float32()), txt.shape[1]),
@@ -135,7 +136,7 @@ class Featurizer:
         from sdray.data.decode import decode_batch
 
         cols = {k: np.asarray([r[k] for r in rows] + [None], dtype=object)[:-1]
-                for k in ("sample_id", "image_id", "caption", "image", "key", "url")}
+                for k in ("sample_id", "image_id", "caption", "image", "key", "url", "image_loc")}
         return decode_batch(cols, self.preprocessor, counts, self.data_cfg.max_image_pixels)
 
     def featurize_shard(self, shard: str, shard_id: str, output: str, record: str) -> dict:

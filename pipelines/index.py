@@ -31,7 +31,8 @@ count): complete shards are kept and their documents are not re-encoded.
 
 Image rows' ``uri`` is ``<corpus shard uri>#<key>`` for raw corpora (what ``serve/images.py``
 reads); for feature corpora it points at the raw shard named by the feature manifest, else empty.
-Both sides keep the source ``url`` (img2dataset's) when the corpus has one. Captions carry the
+Both sides keep the source ``url`` (img2dataset's) when the corpus has one, and ``image_loc``, where
+the image bytes sit in the shard (:mod:`sdray.data.locations`), so a thumbnail reads only them. Captions carry the
 ``image_id``, ``uri`` and ``url`` of their representative sample.
 """
 
@@ -109,9 +110,9 @@ def shard_count(corpus: str, features: bool, max_docs_per_shard: int, data_cfg) 
 class Encoder:
     """Actor: model (backbone + heads). Encodes one batch of samples into documents of pending shards.
 
-    Input columns: ``sample_id, image_id, caption``, optional ``url``, and either ``image_features, text_features``
+    Input columns: ``sample_id, image_id, caption``, optional ``url`` and ``image_loc``, and either ``image_features, text_features``
     (feature shards) or ``pixels, input_ids, attention_mask, key, shard`` (decoded raw shards).
-    Output (one pyarrow table): ``shard, side, doc_no, id, sample_id, image_id, caption, uri, url``,
+    Output (one pyarrow table): ``shard, side, doc_no, id, sample_id, image_id, caption, uri, url, image_loc``,
     ``dense`` (fixed_size_list<float32>[D]), ``sp_idx`` (list<int32>, increasing) and ``sp_val``.
     """
 
@@ -197,8 +198,8 @@ class Encoder:
         iids = [str(x) for x in batch["image_id"]]
         caps = [str(x) for x in batch["caption"]]
         uris = self._uris(batch, sids)
-        urls = [None if u is None or u == "" else str(u) for u in batch["url"]] if "url" in batch \
-            else [None] * len(sids)
+        urls = _optional_strings(batch, "url", len(sids))
+        locs = _optional_strings(batch, "image_loc", len(sids))
         tables = []
         with self.torch.no_grad():
             for side in self.sides:
@@ -209,10 +210,10 @@ class Encoder:
                 heads = self.model.heads
                 feats = self._features(batch, side, rows)
                 enc = heads.encode_image(feats) if side == "images" else heads.encode_text(feats)
-                tables.append(self._table(side, rows, hashes, ids, sids, iids, caps, uris, urls, enc))
-        return pa.concat_tables(tables) if tables else self._table("images", [], [], [], [], [], [], [], [], None)
+                tables.append(self._table(side, rows, hashes, ids, sids, iids, caps, uris, urls, locs, enc))
+        return pa.concat_tables(tables) if tables else self._table("images", [], [], [], [], [], [], [], [], [], None)
 
-    def _table(self, side, rows, hashes, ids, sids, iids, caps, uris, urls, enc):
+    def _table(self, side, rows, hashes, ids, sids, iids, caps, uris, urls, locs, enc):
         """One side's encoded rows as a pyarrow table (sparse terms straight from ``nonzero``)."""
         import pyarrow as pa
 
@@ -239,10 +240,18 @@ class Encoder:
             "caption": pa.array([caps[i] for i in rows], pa.string()),
             "uri": pa.array([uris[i] for i in rows], pa.string()),
             "url": pa.array([urls[i] for i in rows], pa.string()),
+            "image_loc": pa.array([locs[i] for i in rows], pa.string()),
             "dense": pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1), pa.float32()), self.dense_dim),
             "sp_idx": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(cols, pa.int32())),
             "sp_val": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(vals, pa.float32())),
         })
+
+
+def _optional_strings(batch: dict, column: str, n: int) -> list[str | None]:
+    """``batch[column]`` as strings (``""`` -> ``None``); ``n`` ``None`` when the column is absent."""
+    if column not in batch:
+        return [None] * n
+    return [None if v is None or v == "" else str(v) for v in batch[column]]
 
 
 def build_one_shard(shard: int, tables: dict, *, out: str, version: str, config: dict, n_shards: int,
@@ -372,13 +381,13 @@ def run_index(model_uri: str, corpus: str, out: str, shards: int | None = None, 
         counter = None if features else SkipCounter.create()
         if features:
             ds = read_features(corpus)
-            has_url = "url" in ds.schema().names       # feature shards written before url: none
+            names = ds.schema().names                  # feature shards written before url/image_loc: none
             ds = ds.select_columns(["sample_id", "image_id", "caption", "image_features", "text_features"]
-                                   + (["url"] if has_url else []))
+                                   + [c for c in ("url", "image_loc") if c in names])
         else:
             ds = read_image_text(corpus, data_cfg, preprocessor, counter=counter).select_columns(
-                ["sample_id", "image_id", "caption", "key", "url", "shard", "pixels", "input_ids",
-                 "attention_mask"])
+                ["sample_id", "image_id", "caption", "key", "url", "image_loc", "shard", "pixels",
+                 "input_ids", "attention_mask"])
         retry_shard_tasks(ds, storage.retry_config())
         # this job's S3 and retry settings reach its actors and tasks even on a cluster started
         # with others

@@ -135,6 +135,11 @@ class ServeConfig(_Strict):
     rate_limit_per_s: float | None = Field(None, gt=0, description="Requests per second per API "
                                            "key and ingress replica (token bucket); None: no limit.")
     rate_burst: int = Field(20, ge=1, le=100_000, description="Token-bucket size of that limit.")
+    image_read_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=64 * 1024, le=1 << 34, description="Most bytes the image route reads "
+        "from a corpus shard for one thumbnail: one tar member, or the image column of one Parquet "
+        "row group (+ footer). Past it the route redirects to the document's source url, or 404s; "
+        "indexes without image locations read whole shards only up to this size.")
     image_url_ttl_s: int = Field(900, ge=10, le=86_400, description="Lifetime of the signed "
                                  "thumbnail URLs in search responses.")
     max_inflight: int = Field(96, ge=1, le=100_000, description="Requests an ingress replica works "

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -573,6 +573,8 @@ class Ingress:
             data = self._thumbs.get(key)
             if data is None:
                 data = await self._thumbnail(snap, doc_id, size)
+                if isinstance(data, Response):      # a redirect to the source url
+                    return data
                 self._thumbs[key] = data
                 while len(self._thumbs) > 512:
                     self._thumbs.popitem(last=False)
@@ -580,8 +582,10 @@ class Ingress:
 
         return await self._guarded("/v1/images", request, run)
 
-    async def _thumbnail(self, snap: Snapshot, doc_id: str, size: int) -> bytes:
-        from serve.images import read_image_bytes, thumbnail
+    async def _thumbnail(self, snap: Snapshot, doc_id: str, size: int) -> bytes | Response:
+        """JPEG bytes, or a 307 to the document's source url when its stored bytes cannot be read
+        within ``image_read_max_bytes``."""
+        from serve.images import ReadTooLarge, read_image_bytes, thumbnail
 
         meta = None
         for side in ("images", "captions"):
@@ -592,8 +596,17 @@ class Ingress:
         if meta is None or not meta.get("uri"):
             raise ApiError(404, f"no image with id {doc_id[:80]!r} in index version {snap.version}")
         try:
-            raw = await asyncio.to_thread(read_image_bytes, meta["uri"])
+            raw = await asyncio.to_thread(read_image_bytes, meta["uri"], meta.get("image_loc"),
+                                          self.cfg.image_read_max_bytes)
             return await asyncio.to_thread(thumbnail, raw, size)
+        except ReadTooLarge as err:
+            url = meta.get("url") or ""
+            log.info("image %r: %s", doc_id[:80], err)
+            if urllib.parse.urlsplit(url).scheme in ("http", "https"):
+                return RedirectResponse(url, status_code=307, headers={"Cache-Control": "private, max-age=600"})
+            raise ApiError(404, f"image {doc_id[:80]!r} is indexed but reading it takes {err.needed} bytes "
+                                f"({err.what}), more than image_read_max_bytes ({err.cap}), and it has no "
+                                f"source url{'; ' + err.hint if err.hint else ''}") from None
         except (KeyError, FileNotFoundError, ValueError):
             log.warning("image %r: stored bytes unavailable", doc_id[:80], exc_info=True)
             raise ApiError(404, f"image {doc_id[:80]!r} is indexed but its bytes are unavailable") from None

@@ -12,7 +12,8 @@ Usage::
 
 Faults apply to new connections; starting one also resets the connections open at that moment,
 so clients with pooled keep-alive connections meet it on their next request. Counters of what
-was injected are in :attr:`FaultProxy.injected`.
+was injected are in :attr:`FaultProxy.injected`; :attr:`FaultProxy.bytes_served` counts the bytes the
+store sent back (what a client really read, headers included).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class FaultProxy:
         self._stop = threading.Event()
         self.injected = {"reset": 0, "stall": 0, "503": 0}
         self.connections = 0
+        self.bytes_served = 0       # bytes passed from the store to its clients (responses)
 
     @property
     def endpoint(self) -> str:
@@ -200,6 +202,9 @@ class FaultProxy:
                     if not data:
                         return
                     key.data.sendall(data)
+                    if key.fileobj is b:
+                        with self._lock:
+                            self.bytes_served += len(data)
         except (OSError, ValueError):
             return                                  # reset by a fault, or closed by the peer
         finally:

@@ -389,39 +389,134 @@ def test_page_is_plain_html_js_with_relative_urls():
 
 # ---------------------------------------------------------------------------- memory and bytes
 
-def test_tar_members_are_found_by_header_walk_not_a_whole_read(tmp_path):
+def _noise_jpeg(seed: int, side: int = 48) -> bytes:
+    """A JPEG that does not compress away (random pixels): ~2-5 KB."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Bytes every ranged read of serve/images.py returned (a list, one entry per read)."""
+    from serve import images
+
+    reads: list[int] = []
+    opener = images._open_ranged
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            out = self.f.read(n)
+            reads.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(images, "_open_ranged", lambda uri: Counting(opener(uri)))
+    images._SHARD_CACHE.clear()
+    return reads
+
+
+def test_parquet_thumbnail_reads_one_row_group_not_the_shard(tmp_path, counted_reads):
+    """The corpus reader records (row group, row); the image route then reads the footer and that
+    row group's image and key columns only, returns exactly that row's image, and refuses (before
+    reading) when that is more than the cap, or when the row no longer holds the sample."""
+    import pyarrow.parquet as pq
+
+    from sdray.data.formats import iter_parquet_samples, parquet_shard_bytes
+    from sdray.data.skips import SkipCounts
+    from serve.images import ReadTooLarge, ShardChanged, read_image_bytes
+
+    rows = [{"key": f"s{i:03d}", "image": _noise_jpeg(i), "caption": f"caption {i}"} for i in range(60)]
+    data = parquet_shard_bytes(rows, row_group_size=6)          # 10 row groups
+    path = tmp_path / "corpus.parquet"
+    path.write_bytes(data)
+    samples = list(iter_parquet_samples(io.BytesIO(data), "corpus", SkipCounts()))
+    assert [s["image_loc"] for s in samples[5:8]] == ["row=0:5", "row=1:0", "row=1:1"]
+
+    md = pq.ParquetFile(path).metadata
+    for s in (samples[0], samples[37], samples[59]):
+        counted_reads.clear()
+        got = read_image_bytes(f"{path}#{s['key']}", s["image_loc"])
+        assert got == rows[int(s["key"][1:])]["image"]
+        group = md.row_group(int(s["image_loc"][4:].split(":")[0]))
+        chunks = sum(group.column(i).total_compressed_size for i in range(group.num_columns)
+                     if group.column(i).path_in_schema in ("image", "key"))
+        # the footer (a 16 KiB guess, then the exact footer) + one row group's two columns
+        assert sum(counted_reads) <= 16384 + md.serialized_size + 8 + chunks, counted_reads
+        assert sum(counted_reads) < len(data) / 4 and chunks < len(data) / 8
+    with pytest.raises(ReadTooLarge) as err:
+        counted_reads.clear()
+        read_image_bytes(f"{path}#s037", samples[37]["image_loc"], max_read_bytes=md.serialized_size + 1000)
+    assert err.value.needed > md.serialized_size + 1000
+    assert sum(counted_reads) <= 16384 + md.serialized_size + 8  # the footer only: refused before the rows
+    with pytest.raises(ShardChanged):                           # the row holds another sample
+        read_image_bytes(f"{path}#s038", samples[37]["image_loc"])
+    with pytest.raises(ShardChanged):
+        read_image_bytes(f"{path}#s000", "row=10:0")
+    with pytest.raises(ValueError):
+        read_image_bytes(f"{path}#s000", "bytes=512+10")        # a tar location on a Parquet shard
+
+
+def test_tar_thumbnail_reads_one_member_and_checks_its_header(tmp_path, counted_reads):
+    import gzip
     import tarfile
 
-    from serve.images import read_image_bytes, tar_members
+    from sdray.data.formats import iter_tar_samples
+    from sdray.data.skips import SkipCounts
+    from serve.images import ShardChanged, read_image_bytes
 
-    path = tmp_path / "shard.tar"
-    members = {"a.jpg": b"\xff\xd8first", "b.txt": b"caption", "d/" + "x" * 120 + ".png": png(),
-               "c.jpg": b"\xff\xd8" + bytes(range(256)) * 40}
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+    members = {"a.jpg": _noise_jpeg(1), "a.txt": b"first", "d/" + "x" * 120 + ".png": png(), "d/" + "x" * 120 + ".txt": b"long",
+               "c.jpg": _noise_jpeg(2), "c.txt": b"third"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    samples = {s["key"]: s for s in iter_tar_samples(io.BytesIO(data), "shard", SkipCounts())}
+    assert set(samples) == {"a", "c", "d/" + "x" * 120}
+    for key, s in samples.items():
+        counted_reads.clear()
+        image = members[next(n for n in members if n.startswith(key + ".") and not n.endswith(".txt"))]
+        assert read_image_bytes(f"{path}#{key}", s["image_loc"]) == image
+        assert counted_reads == [512 + len(image)]              # one read: header + data
+    with pytest.raises(ShardChanged):                           # another sample's member
+        read_image_bytes(f"{path}#a", samples["c"]["image_loc"])
+    with pytest.raises(ShardChanged):                           # not at a member boundary
+        read_image_bytes(f"{path}#a", "bytes=1024+100")
+    compressed = list(iter_tar_samples(io.BytesIO(gzip.compress(data)), "shard", SkipCounts()))
+    assert len(compressed) == 3 and all(s["image_loc"] is None for s in compressed)
 
-    class Counting(io.FileIO):
-        read_bytes = 0
 
-        def read(self, n=-1):
-            out = super().read(n)
-            Counting.read_bytes += len(out)
-            return out
+def test_an_index_without_image_locations_reads_small_shards_whole_and_refuses_large_ones(tmp_path, counted_reads):
+    from sdray.data.formats import parquet_shard_bytes, tar_shard_bytes
+    from serve.images import ReadTooLarge, read_image_bytes
 
-    with Counting(path) as f:
-        index = tar_members(f)
-    assert set(index) == set(members)
-    assert Counting.read_bytes < 512 * 12  # headers (and the long-name record) only
-    with open(path, "rb") as f:
-        for name, (offset, size) in index.items():
-            f.seek(offset)
-            assert f.read(size) == members[name]
-    assert read_image_bytes(f"{path}#c") == members["c.jpg"]
-    with pytest.raises(KeyError):
-        read_image_bytes(f"{path}#b")  # not an image member
+    rows = [{"key": f"s{i}", "image": _noise_jpeg(i), "caption": "c", "ext": "jpg"} for i in range(8)]
+    for name, data in (("a.parquet", parquet_shard_bytes(rows)), ("a.tar", tar_shard_bytes(rows))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ReadTooLarge) as err:
+            read_image_bytes(f"{path}#s3", None, max_read_bytes=len(data) - 1)
+        assert err.value.needed == len(data) and "rebuild" in err.value.hint
+        assert read_image_bytes(f"{path}#s3", None, max_read_bytes=len(data)) == rows[3]["image"]
+        with pytest.raises(KeyError):
+            read_image_bytes(f"{path}#missing", None)
 
 
 def test_shard_group_mmap_eviction_and_memory_declaration(random_index, tmp_path):

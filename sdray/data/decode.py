@@ -80,7 +80,7 @@ def decode_batch(batch: dict[str, Any], preprocessor: Any | None, counts: SkipCo
     With a preprocessor: ``pixels`` float32 (B,3,S,S) (uint8 if its ``normalize_on_device``), ``input_ids``/``attention_mask`` int64
     (B,L). Without one: ``pixels`` in [0,1] at ``image_size`` (if given) and no tokens.
     Undecodable/truncated/oversized images are dropped and counted; the other columns
-    (``key``, ``url``, ``shard`` too, when present) are kept for the rows that remain.
+    (``key``, ``url``, ``image_loc``, ``shard`` too, when present) are kept for the rows that remain.
     ``dropped``, if given, receives ``(row index, reason)`` for every dropped row.
     """
     size = image_size or getattr(preprocessor, "image_size", None)
@@ -97,7 +97,7 @@ def decode_batch(batch: dict[str, Any], preprocessor: Any | None, counts: SkipCo
         images.append(im)
     out: dict[str, Any] = {
         k: np.asarray([batch[k][i] for i in keep], dtype=object)
-        for k in ("sample_id", "image_id", "caption", "key", "url", "shard") if k in batch
+        for k in ("sample_id", "image_id", "caption", "key", "url", "image_loc", "shard") if k in batch
     }
     captions = [str(c) for c in out.get("caption", [])]
     if preprocessor is not None:

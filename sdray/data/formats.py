@@ -3,12 +3,13 @@
 Pure Python (no Ray). A *raw sample* is a dict::
 
     {"sample_id": str, "image_id": str, "caption": str, "image": bytes, "key": str,
-     "url": str | None}
+     "url": str | None, "image_loc": str | None}
 
 ``sample_id`` is ``<shard id>/<key>``, where the shard id is the shard's path relative to the
 input root without its suffix (:func:`shard_id`: ``train/shard-00000``), so ids are unique across
 the whole input however the folders nest. ``image_id`` comes from ``KEY.json``/the ``image_id``
-column or defaults to the SHA-1 of the image bytes; ``url`` is img2dataset's source URL, if any.
+column or defaults to the SHA-1 of the image bytes; ``url`` is img2dataset's source URL, if any;
+``image_loc`` where the image bytes sit in the shard (:mod:`sdray.data.locations`).
 Parsers never raise on bad input: they count it in a :class:`SkipCounts` and go on. They parse
 bytes already read in full (``storage.read_shard_bytes``), so a parse error is bad data, never a
 storage fault.
@@ -21,8 +22,10 @@ Both output formats of img2dataset are read: ``webdataset`` (``NNNNN.tar``, with
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
+import itertools
 import io
 import json
 import posixpath
@@ -30,6 +33,7 @@ import tarfile
 from typing import IO, Any, Iterable, Iterator
 
 from sdray.data import skips as S
+from sdray.data.locations import ParquetRow, TarMember
 from sdray.data.skips import SkipCounts
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -117,11 +121,11 @@ def _split_member(name: str) -> tuple[str, str] | None:
 
 
 def _finish(shard: str, key: str, fields: dict[str, bytes], max_caption_bytes: int,
-            counts: SkipCounts) -> dict | None:
-    image = None
+            counts: SkipCounts, where: dict[str, TarMember]) -> dict | None:
+    image, loc = None, None
     for ext in IMAGE_EXTS:
         if ext in fields:
-            image = fields[ext]
+            image, loc = fields[ext], where.get(ext)
             break
     meta: dict = {}
     if "json" in fields:
@@ -136,7 +140,7 @@ def _finish(shard: str, key: str, fields: dict[str, bytes], max_caption_bytes: i
     if raw_caption is None and isinstance(meta.get("caption"), str):
         raw_caption = meta["caption"]
     return _sample(shard, key, image, raw_caption, meta.get("image_id"), meta.get("url"),
-                   max_caption_bytes, counts)
+                   max_caption_bytes, counts, loc)
 
 
 def iter_tar_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
@@ -145,9 +149,12 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
 
     Members of one sample are grouped by key (they need not be adjacent). A tar that ends
     early keeps every complete sample before the break (``shard_truncated``); one that cannot
-    be opened at all counts ``shard_unreadable``.
+    be opened at all counts ``shard_unreadable``. Each sample's ``image_loc`` is its image
+    member's byte range in the tar (:class:`~sdray.data.locations.TarMember`; ``None`` for a
+    compressed tar, whose offsets are not file offsets).
     """
     groups: dict[str, dict[str, bytes]] = {}
+    where: dict[str, dict[str, TarMember]] = {}
     order: list[str] = []
     try:
         tf = tarfile.open(fileobj=fileobj, mode="r|*")
@@ -156,6 +163,7 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
         return
     broken = False
     last_key: str | None = None
+    plain = getattr(tf.fileobj, "comptype", None) == "tar"     # stream mode: the decompressor's kind
     try:
         for member in tf:
             if not member.isfile():
@@ -179,6 +187,8 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
                 counts.add(S.DUPLICATE_KEY)
                 continue
             groups[key][ext] = data
+            if plain and ext in IMAGE_EXTS:
+                where.setdefault(key, {})[ext] = TarMember(member.offset_data, member.size)
     except Exception:
         broken = True
     finally:
@@ -193,7 +203,7 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
             del groups[last_key]
             order.remove(last_key)
     for key in order:
-        sample = _finish(shard, key, groups[key], max_caption_bytes, counts)
+        sample = _finish(shard, key, groups[key], max_caption_bytes, counts, where.get(key, {}))
         if sample is not None:
             yield sample
 
@@ -202,7 +212,8 @@ def iter_parquet_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
                          max_caption_bytes: int = 4096) -> Iterator[dict]:
     """Raw samples from a Parquet shard: an image column (``image``, or img2dataset's ``jpg``/
     ``png``/``webp``) and ``caption``; optional ``key``/``sample_id``, ``image_id``, ``url`` and
-    img2dataset's ``status`` (a row that is not ``success`` counts as ``download_failed``)."""
+    img2dataset's ``status`` (a row that is not ``success`` counts as ``download_failed``).
+    Each sample's ``image_loc`` is its row group and row (:class:`~sdray.data.locations.ParquetRow`)."""
     import pyarrow.parquet as pq
 
     try:
@@ -219,12 +230,16 @@ def iter_parquet_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
     cols = image_cols + ["caption"] + [c for c in optional if c in names]
     row = 0
     try:
+        groups = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        starts = list(itertools.accumulate(groups, initial=0))
         for batch in pf.iter_batches(batch_size=256, columns=cols):
             data = batch.to_pydict()
             nothing = [None] * batch.num_rows
             for i in range(batch.num_rows):
                 key = data.get("sample_id", data.get("key", nothing))[i]
                 key = str(key) if key not in (None, "") else f"{row:09d}"
+                group = bisect.bisect_right(starts, row) - 1
+                loc = ParquetRow(group, row - starts[group])
                 row += 1
                 image = next((data[c][i] for c in image_cols if data[c][i] is not None), None)
                 status = data.get("status", nothing)[i]
@@ -233,7 +248,7 @@ def iter_parquet_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
                     continue
                 sample = _sample(shard, key, image, data["caption"][i],
                                          data.get("image_id", nothing)[i],
-                                         data.get("url", nothing)[i], max_caption_bytes, counts)
+                                         data.get("url", nothing)[i], max_caption_bytes, counts, loc)
                 if sample is not None:
                     yield sample
     except Exception:  # a corrupt row group in bytes read in full
@@ -241,7 +256,8 @@ def iter_parquet_samples(fileobj: IO[bytes], shard: str, counts: SkipCounts,
 
 
 def _sample(shard: str, key: str, image: Any, raw_caption: Any, image_id: Any, url: Any,
-            max_caption_bytes: int, counts: SkipCounts) -> dict | None:
+            max_caption_bytes: int, counts: SkipCounts,
+            loc: TarMember | ParquetRow | None = None) -> dict | None:
     """One raw sample (tar or Parquet), or ``None`` with the reason counted: no or empty image,
     bad caption. ``image_id`` defaults to the hash of the image bytes."""
     if image is None:
@@ -258,7 +274,8 @@ def _sample(shard: str, key: str, image: Any, raw_caption: Any, image_id: Any, u
     image = bytes(image)
     iid = str(image_id) if image_id not in (None, "") else image_hash(image)
     return {"sample_id": f"{shard}/{key}", "image_id": iid, "caption": caption, "image": image,
-            "key": key, "url": str(url) if url not in (None, "") else None}
+            "key": key, "url": str(url) if url not in (None, "") else None,
+            "image_loc": None if loc is None else str(loc)}
 
 
 def iter_shard_samples(fileobj: IO[bytes], uri: str, counts: SkipCounts,
@@ -316,8 +333,10 @@ def tar_shard_bytes(samples: Iterable[dict]) -> bytes:
     return buf.getvalue()
 
 
-def parquet_shard_bytes(samples: Iterable[dict]) -> bytes:
-    """Samples ``{"key", "image", "caption", "image_id"?}`` as a Parquet image–text shard."""
+def parquet_shard_bytes(samples: Iterable[dict], row_group_size: int | None = None) -> bytes:
+    """Samples ``{"key", "image", "caption", "image_id"?, "url"?}`` as a Parquet image–text shard
+    (rows per row group: ``row_group_size``, default pyarrow's). No min/max statistics for the
+    image column: they would copy two images per row group into the footer."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -327,7 +346,9 @@ def parquet_shard_bytes(samples: Iterable[dict]) -> bytes:
         "image": pa.array([r.get("image") for r in rows], pa.binary()),
         "caption": pa.array([r.get("caption") for r in rows], pa.string()),
         "image_id": pa.array([r.get("image_id") for r in rows], pa.string()),
+        "url": pa.array([r.get("url") for r in rows], pa.string()),
     })
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, row_group_size=row_group_size,
+                   write_statistics=[c for c in table.column_names if c != "image"])
     return buf.getvalue()

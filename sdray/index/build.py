@@ -81,7 +81,7 @@ def dedupe_rows(table):
 def shard_data_from_rows(table, n_shards: int, vocab_size: int, dense_dim: int) -> ShardData:
     """:class:`ShardData` of one shard side from its encoded rows (duplicates allowed).
 
-    ``table`` columns: ``id, sample_id, image_id, caption, uri`` and optional ``url`` (strings), ``doc_no`` (int64
+    ``table`` columns: ``id, sample_id, image_id, caption, uri`` and optional ``url``, ``image_loc`` (strings), ``doc_no`` (int64
     hash, :func:`doc_hash`), ``dense`` (fixed_size_list<float32>[D]), ``sp_idx`` (list<int32>,
     increasing term ids) and ``sp_val`` (list<float32>). Rows are deduplicated with
     :func:`dedupe_rows`; the sparse vectors go straight from Arrow list offsets to a CSR.
@@ -103,6 +103,7 @@ def shard_data_from_rows(table, n_shards: int, vocab_size: int, dense_dim: int) 
                      image_ids=rows.column("image_id").to_pylist(), captions=rows.column("caption").to_pylist(),
                      uris=rows.column("uri").to_pylist(),
                      urls=rows.column("url").to_pylist() if "url" in rows.column_names else None,
+                     image_locs=rows.column("image_loc").to_pylist() if "image_loc" in rows.column_names else None,
                      doc_no=unique_doc_no(rows.column("doc_no").to_numpy(), ids, n_shards), vocab_size=vocab_size)
 
 
@@ -121,6 +122,7 @@ def split(data: ShardData, n_shards: int) -> list[ShardData]:
                 captions=[data.captions[i] for i in rows],
                 uris=[data.uris[i] for i in rows],
                 urls=[data.urls[i] for i in rows],
+                image_locs=[data.image_locs[i] for i in rows],
                 doc_no=data.doc_no[rows],
                 vocab_size=data.sparse.dim,
             )

@@ -7,7 +7,7 @@ Files under ``<shard>/<side>/`` (side = ``images`` or ``captions``)::
     sparse.indptr.npy    CSR of the stored sparse vectors (exact rescoring, explanations, fallback)
     sparse.indices.npy
     sparse.values.npy
-    meta.parquet         id, image_id, caption, uri, url, doc_no (global row, the tie-break)
+    meta.parquet         id, image_id, caption, uri, url, image_loc, doc_no (global row, the tie-break)
     shard.json           counts, dims and {file: {sha256, bytes}}; written last = shard complete
 
 No pickle anywhere: ``.npy`` is read with ``allow_pickle=False``.
@@ -62,7 +62,8 @@ class ShardData:
     :func:`~sdray.index.csr.to_csr` takes) of ``n`` rows; ``ids`` unique strings; ``doc_no`` a
     global row number used to break score ties identically however the corpus is sharded.
     ``uris`` locate a document's image for the image route (``<raw shard>#<key>``); ``urls`` are
-    its source URLs (img2dataset's ``url``), ``None`` when unknown.
+    its source URLs (img2dataset's ``url``), ``None`` when unknown; ``image_locs`` where the image
+    bytes sit in that raw shard (:mod:`sdray.data.locations`), ``None`` when unknown.
     """
 
     dense: np.ndarray
@@ -74,6 +75,7 @@ class ShardData:
     doc_no: np.ndarray | None = None
     vocab_size: int | None = None
     urls: list[str | None] | None = None
+    image_locs: list[str | None] | None = None
 
     def __post_init__(self) -> None:
         if hasattr(self.dense, "detach"):
@@ -88,7 +90,7 @@ class ShardData:
         if len(set(self.ids)) != n:
             raise ValueError("document ids must be unique")
         self.ids = [str(i) for i in self.ids]
-        for name in ("image_ids", "captions", "uris", "urls"):
+        for name in ("image_ids", "captions", "uris", "urls", "image_locs"):
             col = getattr(self, name)
             if col is None:
                 setattr(self, name, [None] * n)
@@ -125,7 +127,7 @@ class Shard:
         dense = DenseIndex.build(data.dense, config.dense)
         sparse = build_sparse(data.sparse, config.sparse, threads=config.threads)
         meta = {"id": data.ids, "image_id": data.image_ids, "caption": data.captions, "uri": data.uris,
-                "url": data.urls}
+                "url": data.urls, "image_loc": data.image_locs}
         return cls(dense, sparse, data.sparse, meta, data.doc_no, config, name)
 
     # ---- search (all scores returned by score_* are exact) -------------------------------
@@ -185,6 +187,7 @@ class Shard:
                 "caption": pa.array(self.meta["caption"], pa.string()),
                 "uri": pa.array(self.meta["uri"], pa.string()),
                 "url": pa.array(self.meta["url"], pa.string()),
+                "image_loc": pa.array(self.meta["image_loc"], pa.string()),
                 "doc_no": pa.array(self.doc_no, pa.int64()),
             }
         )
@@ -320,8 +323,9 @@ class Shard:
                 f"manifest {expected.get('count')})"
             )
         meta = {c: table.column(c).to_pylist() for c in ("id", "image_id", "caption", "uri")}
-        # ``url`` arrived after format 1's first shards: older shards have none
-        meta["url"] = table.column("url").to_pylist() if "url" in table.column_names else [None] * n
+        # ``url`` and ``image_loc`` arrived after format 1's first shards: older shards have none
+        for c in ("url", "image_loc"):
+            meta[c] = table.column(c).to_pylist() if c in table.column_names else [None] * n
         doc_no = table.column("doc_no").to_numpy().astype(np.int64)
         return cls(dense, sparse, docs, meta, doc_no, config, name)
 
