@@ -136,7 +136,7 @@ class ServeConfig(_Strict):
                                            "key and ingress replica (token bucket); None: no limit.")
     rate_burst: int = Field(20, ge=1, le=100_000, description="Token-bucket size of that limit.")
     image_read_max_bytes: int = Field(
-        16 * 1024 * 1024, ge=64 * 1024, le=1 << 34, description="Most bytes the image route reads "
+        16 * 1024 * 1024, ge=1024, le=1 << 34, description="Most bytes the image route reads "
         "from a corpus shard for one thumbnail: one tar member, or the image column of one Parquet "
         "row group (+ footer). Past it the route redirects to the document's source url, or 404s; "
         "indexes without image locations read whole shards only up to this size.")

@@ -9,9 +9,9 @@ An index row's ``uri`` (``meta.parquet``) may be:
   - a tar member: one ranged read of its 512-byte header and its data; the header's checksum,
     size and (when not truncated) name must agree with the location, else the shard changed
     since it was indexed (404);
-  - a Parquet row: the footer, then the image column and the key column (to check that the
-    row still holds ``key``) of that one row group, through pyarrow reading a file whose every
-    read is one range request (``cache_type="none"``).
+  - a Parquet row: the footer (once per shard: an LRU of footers), then the image column and
+    the key column (to check that the row still holds ``key``) of that one row group, through
+    pyarrow reading a file whose every read is one range request (``cache_type="none"``).
 
   Without a location (an index built before locations were recorded, or a compressed tar) the
   shard is read whole, if it is no larger than the cap, and its images kept in a small LRU;
@@ -51,6 +51,8 @@ BLOCK = 512             # tar header / block size
 FOOTER_GUESS = 16 * 1024  # tail bytes read for a Parquet footer first (most fit)
 _SHARD_CACHE: OrderedDict[str, dict[str, bytes]] = OrderedDict()
 _SHARD_CACHE_MAX = 4
+_FOOTERS: OrderedDict[str, object] = OrderedDict()     # Parquet shard -> its FileMetaData
+_FOOTERS_MAX = 256
 _LOCK = threading.Lock()
 
 
@@ -153,10 +155,15 @@ def _read_tail(uri: str, n: int) -> tuple[int, bytes]:
 
 def _parquet_footer(uri: str, cap: int):
     """The file's metadata, from its footer alone (``FOOTER_GUESS`` bytes of tail, and one more
-    read when the footer is longer); ``ReadTooLarge`` for a footer over ``cap``."""
+    read when the footer is longer), kept in a small LRU; ``ReadTooLarge`` for a footer over ``cap``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    with _LOCK:
+        md = _FOOTERS.get(uri)
+        if md is not None:
+            _FOOTERS.move_to_end(uri)
+            return md
     size, tail = _read_tail(uri, FOOTER_GUESS)
     if len(tail) < 12 or tail[-4:] != b"PAR1":
         raise ValueError(f"{uri}: not a Parquet file (no footer)")
@@ -166,9 +173,14 @@ def _parquet_footer(uri: str, cap: int):
     if length > len(tail):
         size, tail = _read_tail(uri, length)
     try:        # pyarrow parses a footer behind a magic number: the metadata, nothing else read
-        return pq.read_metadata(io.BytesIO(b"PAR1" + tail[-length:]))
+        md = pq.read_metadata(io.BytesIO(b"PAR1" + tail[-length:]))
     except pa.ArrowInvalid as err:
         raise ValueError(f"{uri}: unreadable Parquet footer ({err})") from None
+    with _LOCK:
+        _FOOTERS[uri] = md
+        while len(_FOOTERS) > _FOOTERS_MAX:
+            _FOOTERS.popitem(last=False)
+    return md
 
 
 def _parquet_row_at(uri: str, key: str, loc: ParquetRow, cap: int) -> bytes:

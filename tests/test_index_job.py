@@ -114,9 +114,9 @@ def test_index_job_both_sides_shards_resume_and_eval(setup, capsys):
     r1 = Retriever.load(one)
     meta = r1.shards["images"][0].meta
     by_id = {s["image_id"]: s["image"] for s in samples}
-    for iid, uri in list(zip(meta["image_id"], meta["uri"]))[:3]:
-        assert "#" in uri and uri.startswith(setup["corpus"])
-        assert read_image_bytes(uri) == by_id[iid]
+    for iid, uri, loc in list(zip(meta["image_id"], meta["uri"], meta["image_loc"]))[:3]:
+        assert "#" in uri and uri.startswith(setup["corpus"]) and loc.startswith("bytes=")
+        assert read_image_bytes(uri, loc) == by_id[iid]     # one member, by its recorded range
     assert set(r1.shards["captions"][0].meta["caption"]) == {s["caption"] for s in samples}
     assert r1.vocabulary is not None and len(r1.vocabulary) == r1.shards["images"][0].docs.dim
     # dedupe is exact and each document's metadata comes from its smallest sample_id

@@ -220,8 +220,76 @@ def test_thumbnail_storage_fault_is_retried_or_503_and_a_missing_object_is_404(s
         assert get(third, 64).status_code == 200            # back: the same image is served
         fs, path = storage.filesystem(demo_s3.corpus)       # the corpus really is gone
         fs.rm(path)
-        from serve import images
-
-        images._TAR_INDEX.clear()
         resp = get(first, 96)                                # not cached at this size
         assert resp.status_code == 404 and set(json.loads(resp.body)) == {"error"}
+
+
+def _original(demo, image_id: str) -> bytes:
+    """The image bytes of ``image_id`` in the demo's corpus, read whole (the reference)."""
+    import io
+
+    from sdray import storage
+    from sdray.data.formats import iter_shard_samples
+    from sdray.data.skips import SkipCounts
+
+    data = storage.read_bytes(demo.corpus)
+    return next(s["image"] for s in iter_shard_samples(io.BytesIO(data), demo.corpus, SkipCounts())
+                if s["image_id"] == image_id)
+
+
+@pytest.mark.slow
+def test_thumbnails_on_s3_read_one_image_not_the_shard(s3_server, tmp_path, monkeypatch):
+    """Through the route, from the real S3 server: the bytes the store sends back (counted by a
+    proxy) for one thumbnail are one Parquet row group or one tar member, not the shard, and the
+    JPEG is that document's image. Past ``image_read_max_bytes``: a 307 to the source url when the
+    document has one, else a JSON 404."""
+    import pyarrow.parquet as pq
+
+    from sdray import storage
+    from serve import images
+    from serve.testing import build_demo_index
+    from tests.faultproxy import FaultProxy
+
+    pq_demo = build_demo_index(s3_server.uri("thumbs-parquet"), n_images=16, shards=3,
+                               corpus_format="parquet", row_group_size=4)
+    tar_demo = build_demo_index(s3_server.uri("thumbs-tar"), n_images=16, shards=3, source_urls=True)
+    with FaultProxy(s3_server.port) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        images._FOOTERS.clear()
+
+        def served(ing, doc_id):
+            before = proxy.bytes_served
+            resp = asyncio.run(ing.image(doc_id, _request("GET", f"/v1/images/{doc_id}"), 64))
+            return resp, proxy.bytes_served - before
+
+        # Parquet: after the footer is known, one row group's image and key columns
+        ing = _ingress(pq_demo)
+        corpus_size = len(storage.read_bytes(pq_demo.corpus))
+        md = pq.read_metadata(storage.open_uri(pq_demo.corpus, "rb"))
+        group = max(md.row_group(g).column(i).total_compressed_size for g in range(md.num_row_groups)
+                    for i in range(md.num_columns) if md.row_group(g).column(i).path_in_schema == "image")
+        first, *others = pq_demo.image_ids
+        assert served(ing, first)[0].status_code == 200          # loads the index and the footer
+        for doc_id in others[:3]:
+            resp, n = served(ing, doc_id)
+            expected = images.thumbnail(_original(pq_demo, doc_id), 64)
+            assert resp.status_code == 200 and resp.body == expected
+            assert n < 2 * group + 4096 and n < corpus_size / 3, (n, group, corpus_size)
+
+        # tar: the member (with its header) in one range request
+        ing = _ingress(tar_demo)
+        corpus_size = len(storage.read_bytes(tar_demo.corpus))
+        first, *others = tar_demo.image_ids
+        assert served(ing, first)[0].status_code == 200
+        for doc_id in others[:3]:
+            raw = _original(tar_demo, doc_id)
+            resp, n = served(ing, doc_id)
+            assert resp.status_code == 200 and resp.body == images.thumbnail(raw, 64)
+            assert n < len(raw) + 512 + 4096 and n < corpus_size / 8, (n, len(raw), corpus_size)
+
+        # past the cap: the source url (tar corpus), else 404 (the Parquet corpus has none)
+        resp, _ = served(_ingress(tar_demo, image_read_max_bytes=1024), others[4])
+        assert resp.status_code == 307 and resp.headers["location"].startswith("https://images.example/")
+        resp, _ = served(_ingress(pq_demo, image_read_max_bytes=1024), pq_demo.image_ids[5])
+        body = json.loads(resp.body)
+        assert resp.status_code == 404 and "image_read_max_bytes" in body["error"] and "s3://" not in body["error"]

@@ -425,6 +425,7 @@ def counted_reads(monkeypatch):
 
     monkeypatch.setattr(images, "_open_ranged", lambda uri: Counting(opener(uri)))
     images._SHARD_CACHE.clear()
+    images._FOOTERS.clear()
     return reads
 
 
@@ -436,6 +437,7 @@ def test_parquet_thumbnail_reads_one_row_group_not_the_shard(tmp_path, counted_r
 
     from sdray.data.formats import iter_parquet_samples, parquet_shard_bytes
     from sdray.data.skips import SkipCounts
+    from serve import images
     from serve.images import ReadTooLarge, ShardChanged, read_image_bytes
 
     rows = [{"key": f"s{i:03d}", "image": _noise_jpeg(i), "caption": f"caption {i}"} for i in range(60)]
@@ -448,6 +450,7 @@ def test_parquet_thumbnail_reads_one_row_group_not_the_shard(tmp_path, counted_r
     md = pq.ParquetFile(path).metadata
     for s in (samples[0], samples[37], samples[59]):
         counted_reads.clear()
+        images._FOOTERS.clear()
         got = read_image_bytes(f"{path}#{s['key']}", s["image_loc"])
         assert got == rows[int(s["key"][1:])]["image"]
         group = md.row_group(int(s["image_loc"][4:].split(":")[0]))
@@ -456,8 +459,12 @@ def test_parquet_thumbnail_reads_one_row_group_not_the_shard(tmp_path, counted_r
         # the footer (a 16 KiB guess, then the exact footer) + one row group's two columns
         assert sum(counted_reads) <= 16384 + md.serialized_size + 8 + chunks, counted_reads
         assert sum(counted_reads) < len(data) / 4 and chunks < len(data) / 8
+    counted_reads.clear()
+    assert read_image_bytes(f"{path}#s001", samples[1]["image_loc"]) == rows[1]["image"]
+    assert len(counted_reads) == 1          # the footer is remembered: one read, of the row group
     with pytest.raises(ReadTooLarge) as err:
         counted_reads.clear()
+        images._FOOTERS.clear()
         read_image_bytes(f"{path}#s037", samples[37]["image_loc"], max_read_bytes=md.serialized_size + 1000)
     assert err.value.needed > md.serialized_size + 1000
     assert sum(counted_reads) <= 16384 + md.serialized_size + 8  # the footer only: refused before the rows
