@@ -10,8 +10,8 @@ It prints p50/p99 latency, QPS and error counts for both, the Serve/in-process p
 (target ≤ 1.5× at concurrency 1) and QPS ratio (target ≥ 1 at concurrency 8), for each encoder
 placement in ``--variants`` (``deployment``: a QueryEncoder deployment, one hop more;
 ``ingress``: the encoder inside the ingress replica, ``encoder_in_ingress``; ``local``: the
-encoder and every shard inside the ingress replica, ``shards_in_ingress`` too, no handle call),
-all in one run against the same in-process baseline, with where the Serve time went (the
+encoder and every shard inside the ingress replica, ``shards_in_ingress`` too, no handle call;
+``auto``: the default, which picks ``local`` or ``deployment`` from the index size), all in one run against the same in-process baseline, with where the Serve time went (the
 ingress's own stage timings and what lies outside it: proxy and HTTP). ``+`` options
 change one knob each (:func:`variant_config`): ``deployment+spin`` is the old default (idle
 OpenMP threads spinning, as before ``OMP_WAIT_POLICY=PASSIVE`` became the default).
@@ -193,10 +193,12 @@ def variant_config(variant: str, cfg):
     ``spin`` (replica_env={}: idle OpenMP threads spin), ``fast`` (Serve's user code on the
     replica's own event loop, access log buffered), ``tN`` (N torch threads in the encoder)."""
     place, *opts = variant.split("+")
-    if place not in ("deployment", "ingress", "local"):
+    if place not in ("deployment", "ingress", "local", "auto"):
         raise ValueError(f"unknown placement {place!r}")
     update: dict = {"encoder_in_ingress": place in ("ingress", "local"),
                     "shards_in_ingress": place == "local"}
+    if place == "auto":                 # the default: decided from the index size (resolve_placement)
+        update = {"encoder_in_ingress": None, "shards_in_ingress": None}
     env = dict(cfg.replica_env)
     for opt in opts:
         if opt == "spin":
@@ -221,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--kill", action="store_true", help="kill an encoder replica under load")
     p.add_argument("--num-cpus", type=int, default=4)
-    p.add_argument("--variants", default="deployment+spin,ingress+spin,ingress,local",
-                   help="placements to measure: deployment, ingress, local, each optionally "
-                        "+spin (comma separated)")
+    p.add_argument("--variants", default="deployment,auto",
+                   help="placements to measure: deployment, ingress, local, auto, each optionally "
+                        "+spin, +fast or +tN (comma separated)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.requests > 2000:
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdray.index import Retriever
     from sdray.index import manifest as mf
     from sdray.model import RetrievalModel
-    from serve.app import deploy
+    from serve.app import deploy, resolve_placement
     from serve.testing import build_demo_index
 
     tmp = None
@@ -270,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       poll_interval_s=0))
             t0 = time.perf_counter()
             url = deploy(cfg)
-            print(f"[{variant}] serve up in {time.perf_counter() - t0:.1f}s at {url}", flush=True)
+            placed = resolve_placement(cfg)
+            print(f"[{variant}] serve up in {time.perf_counter() - t0:.1f}s at {url} (shards in the ingress: "
+                  f"{placed.shards_in_ingress}, encoder in the ingress: {placed.encoder_in_ingress})", flush=True)
             for q in QUERIES[:4]:
                 _post(url, {"text": q, "k": args.k})
             rows = []

@@ -2,8 +2,8 @@
 
     sdray serve --index URI [--model URI] [--host 127.0.0.1] [--port 8000] [--config serve.yaml]
                 [--replicas-per-shard N] [--encoder-max-replicas N] [--auth-token T] [--k-max K]
-                [--api-keys-file F] [--rate-limit R] [--encoder-in-ingress] [--shards-in-ingress]
-                [--use-gpu] [--faiss-gpu]
+                [--api-keys-file F] [--rate-limit R] [--placement auto|local|deployment]
+                [--encoder-in-ingress] [--shards-in-ingress] [--use-gpu] [--faiss-gpu]
 
 ``--config`` reads :class:`serve.config.ServeConfig` fields from YAML/JSON (flags override it).
 Starts a local Ray (or joins ``RAY_ADDRESS``), waits for ``/readyz`` and prints the URL, then
@@ -51,9 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-keys-file", default=None,
                         help="file of 'name:key' lines; any key opens /v1/* (also $SDRAY_API_KEYS)")
     parser.add_argument("--rate-limit", type=float, default=None,
-                        help="requests/s per API key and ingress replica (429 beyond)")
+                        help="requests/s per API key across the whole deployment (429 beyond)")
     parser.add_argument("--request-timeout", type=float, default=None,
                         help="one deadline per request across encode, search and explain (504 past it)")
+    parser.add_argument("--placement", choices=("auto", "local", "deployment"), default=None,
+                        help="local: the encoder and every shard inside the ingress replica; "
+                             "deployment: a query-encoder and shard-searcher deployments; auto "
+                             "(default): local for an index of at most local_index_max_bytes")
     parser.add_argument("--encoder-in-ingress", action="store_true",
                         help="encode queries inside the ingress replica (one hop fewer; small deployments)")
     parser.add_argument("--shards-in-ingress", action="store_true",
@@ -92,6 +96,8 @@ def config_from_args(args: argparse.Namespace):
                       ("rate_limit", "rate_limit_per_s"), ("request_timeout", "request_timeout_s")):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
+    if args.placement in ("local", "deployment"):
+        data["shards_in_ingress"] = data["encoder_in_ingress"] = args.placement == "local"
     for flag in ("encoder_in_ingress", "shards_in_ingress", "use_gpu", "faiss_gpu"):
         if getattr(args, flag):
             data[flag] = True

@@ -10,6 +10,9 @@ Deployments (DESIGN.md §2, §4), one module each::
                                            (or every shard inside the ingress replica:
                                            ServeConfig.shards_in_ingress, no handle calls)
 
+By default (:func:`resolve_placement`) an index of at most ``local_index_max_bytes`` is served by
+the ingress alone (encoder and shards inside it), a larger one by all three kinds.
+
 Entry points: :func:`build_app` (an application builder: ``import_path: serve.app:build_app`` in a
 Serve config YAML, ``args`` = :class:`~serve.config.ServeConfig` fields) and :func:`deploy` (what
 ``sdray serve`` and the tests call).
@@ -49,9 +52,26 @@ def shard_memory(cfg: ServeConfig, groups: int) -> list[int]:
     return group_memory(_manifest(cfg), groups, cfg.memory_per_shard_byte)
 
 
+def resolve_placement(cfg: ServeConfig) -> ServeConfig:
+    """``cfg`` with ``shards_in_ingress`` and ``encoder_in_ingress`` decided (``None`` = auto).
+
+    Auto: the ``local`` placement (encoder and every shard inside the ingress replica) when the
+    served version's shard files total at most ``local_index_max_bytes``, else ``deployment``
+    (a QueryEncoder and ShardSearcher deployments). At demo scale the local placement met the
+    overhead targets the deployment placement missed (``benchmarks/serve_load.py``,
+    docs/benchmarks.md). An explicit value of either knob is kept.
+    """
+    shards = cfg.shards_in_ingress
+    if shards is None:
+        shards = sum(shard_memory(cfg.model_copy(update={"memory_per_shard_byte": 1.0}), 1)) <= cfg.local_index_max_bytes
+    encoder = shards if cfg.encoder_in_ingress is None else cfg.encoder_in_ingress
+    return cfg.model_copy(update={"shards_in_ingress": shards, "encoder_in_ingress": encoder})
+
+
 def build_app(args: dict | ServeConfig):
     """Application builder (``import_path: serve.app:build_app``); ``args``: ServeConfig fields."""
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(dict(args or {}))
+    cfg = resolve_placement(cfg)
     encoder = None
     if not cfg.encoder_in_ingress:
         knobs = cfg.encoder

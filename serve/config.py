@@ -144,13 +144,19 @@ class ServeConfig(_Strict):
                                  "thumbnail URLs in search responses.")
     max_inflight: int = Field(96, ge=1, le=100_000, description="Requests an ingress replica works "
                               "on at once; more get an immediate 503 + Retry-After.")
-    encoder_in_ingress: bool = Field(False, description="Encode queries inside the ingress replica "
-                                     "(no QueryEncoder deployment): one hop fewer, for small "
-                                     "deployments; the ingress then scales with the encoder load.")
-    shards_in_ingress: bool = Field(False, description="Search every shard inside the ingress "
-                                    "replica (no ShardSearcher deployments): no handle call per "
-                                    "query, for indexes that fit one replica's memory; each "
-                                    "ingress replica then holds the whole index.")
+    encoder_in_ingress: bool | None = Field(
+        None, description="Encode queries inside the ingress replica (no QueryEncoder deployment): "
+        "one hop fewer, for small deployments; the ingress then scales with the encoder load. "
+        "None: as shards_in_ingress resolves.")
+    shards_in_ingress: bool | None = Field(
+        None, description="Search every shard inside the ingress replica (no ShardSearcher "
+        "deployments): no handle call per query, for indexes that fit one replica's memory; each "
+        "ingress replica then holds the whole index. None (auto): true when the served version's "
+        "shard files total at most local_index_max_bytes (serve.app.resolve_placement).")
+    local_index_max_bytes: int = Field(
+        1 << 30, ge=0, description="Auto placement: the largest index (bytes of shard files, from "
+        "the manifest) searched inside the ingress replica; larger ones get ShardSearcher "
+        "deployments. Decided when the app is built; a hot swap keeps the placement.")
     search_threads: int = Field(4, ge=1, le=256, description="Threads a shard group searches its "
                                 "shards with, concurrently (per searcher or ingress replica).")
     replica_env: dict[str, str] = Field(

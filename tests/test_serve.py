@@ -56,7 +56,8 @@ def app(ray_ctx, tmp_path_factory):
     work = str(tmp_path_factory.mktemp("serve"))
     demo = build_demo_index(work, n_images=12, shards=2)
     cfg = ServeConfig(index=demo.index, port=_free_port(), auth_token=TOKEN, poll_interval_s=0.5,
-                      swap_grace_s=0.2, k_max=20, batch=BatchKnobs(batch_wait_timeout_s=0.005))
+                      swap_grace_s=0.2, k_max=20, batch=BatchKnobs(batch_wait_timeout_s=0.005),
+                      shards_in_ingress=False)   # every deployment and hop (auto would pick local here)
     url = deploy(cfg, wait_s=240)
     yield url, demo, work
     serve.shutdown()

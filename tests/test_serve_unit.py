@@ -575,6 +575,7 @@ def test_use_gpu_gives_encoder_replicas_a_gpu_and_searchers_their_memory(monkeyp
     def deployments(**kw):
         from ray.serve._private.build_app import build_app as serve_build
 
+        kw.setdefault("shards_in_ingress", False)        # auto would put 4,000 bytes of shards in the ingress
         built = serve_build(serve_app.build_app(ServeConfig(index="/x", **kw)), name="t")
         return {d.name: d for d in built.deployments}
 
@@ -590,6 +591,27 @@ def test_use_gpu_gives_encoder_replicas_a_gpu_and_searchers_their_memory(monkeyp
     alone = deployments(encoder_in_ingress=True, shards_in_ingress=True)
     assert list(alone) == ["Ingress"]  # one replica does it all: no handle call per query
     assert alone["Ingress"].ray_actor_options["memory"] == 4000  # it declares every shard's memory
+    assert list(deployments(shards_in_ingress=None)) == ["Ingress"]    # the default, auto, for a small index
+
+
+def test_auto_placement_serves_small_indexes_from_the_ingress_alone(monkeypatch):
+    import serve.app as serve_app
+
+    def manifest(total):
+        files = {"dense.faiss": {"bytes": total // 2}, "meta.parquet": {"bytes": total - total // 2}}
+        return {"shards": [{"sides": {"images": {"files": files}}}]}
+
+    def placed(total, **kw):
+        monkeypatch.setattr(serve_app, "_manifest", lambda cfg: manifest(total))
+        got = serve_app.resolve_placement(ServeConfig(index="/x", local_index_max_bytes=1000, **kw))
+        return got.shards_in_ingress, got.encoder_in_ingress
+
+    assert placed(1000) == (True, True)                 # at the budget: local
+    assert placed(1001) == (False, False)               # over it: searcher and encoder deployments
+    assert placed(10, shards_in_ingress=False) == (False, False)
+    assert placed(10**9, shards_in_ingress=True) == (True, True)
+    assert placed(10, encoder_in_ingress=False) == (True, False)
+    assert placed(10**9, encoder_in_ingress=True) == (False, True)
 
 
 def test_searcher_replica_loads_before_it_is_healthy_and_swap_waits_for_every_replica(random_index):
