@@ -109,12 +109,20 @@ class _Bucket:
 
 
 class RateLimiter:
-    """Token bucket per key name; :meth:`check` raises ApiError(429) with ``retry_after``."""
+    """Token bucket per key name; :meth:`check` raises ApiError(429) with ``retry_after``.
+
+    ``rate`` (requests/s) and ``burst`` are the whole deployment's: with ``replicas`` ingress
+    replicas each one's bucket fills at ``rate / replicas`` and holds ``burst / replicas``
+    (at least 1), so N replicas together allow ``rate``, not N × ``rate``, as long as the
+    proxy spreads a key's requests over them evenly (Serve's router picks the less busy of two
+    random replicas). :attr:`replicas` is set by the ingress from the Serve controller.
+    """
 
     def __init__(self, rate: float | None, burst: int, clock=time.monotonic):
         self.rate = rate
         self.burst = float(burst)
         self.clock = clock
+        self.replicas = 1
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -122,14 +130,16 @@ class RateLimiter:
         if not self.rate:
             return
         now = self.clock()
+        rate = self.rate / self.replicas
+        burst = max(1.0, self.burst / self.replicas)
         with self._lock:
-            b = self._buckets.setdefault(name, _Bucket(self.burst, now))
-            b.tokens = min(self.burst, b.tokens + (now - b.stamp) * self.rate)
+            b = self._buckets.setdefault(name, _Bucket(burst, now))
+            b.tokens = min(burst, b.tokens + (now - b.stamp) * rate)
             b.stamp = now
             if b.tokens >= 1.0:
                 b.tokens -= 1.0
                 return
-            wait = (1.0 - b.tokens) / self.rate
+            wait = (1.0 - b.tokens) / rate
         err = ApiError(429, f"rate limit of {self.rate:g} requests/s for key {name!r} exceeded")
         err.retry_after = wait
         raise err

@@ -133,8 +133,13 @@ class ServeConfig(_Strict):
     api_keys_env: str = Field("SDRAY_API_KEYS", description="Environment variable holding more "
                               "'name:key' pairs (comma or newline separated).")
     rate_limit_per_s: float | None = Field(None, gt=0, description="Requests per second per API "
-                                           "key and ingress replica (token bucket); None: no limit.")
-    rate_burst: int = Field(20, ge=1, le=100_000, description="Token-bucket size of that limit.")
+                                           "key across the whole deployment (each ingress replica "
+                                           "allows its share); None: no limit.")
+    rate_burst: int = Field(20, ge=1, le=100_000, description="Token-bucket size of that limit "
+                            "(the whole deployment's, shared out like the rate).")
+    rate_limit_refresh_s: float = Field(10.0, gt=0, le=3600, description="How often an ingress "
+                                        "replica asks the Serve controller how many ingress replicas "
+                                        "run (to take its share of the rate limit).")
     image_read_max_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, le=1 << 34, description="Most bytes the image route reads "
         "from a corpus shard for one thumbnail: one tar member, or the image column of one Parquet "

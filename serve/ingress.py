@@ -164,6 +164,14 @@ def _manifest_model(root: str, version: str) -> str | None:
     return mf.load_manifest(root, version).get("model")
 
 
+def running_ingress_replicas() -> int:
+    """Running replicas of the calling replica's deployment, from the Serve controller (one call;
+    blocking). Raises outside a Serve replica."""
+    ctx = serve.get_replica_context()
+    app = serve.status().applications[ctx.app_name]
+    return max(1, int(app.deployments[ctx.deployment].replica_states.get("RUNNING", 0)))
+
+
 def _is_backpressure(err: BaseException) -> bool:
     from ray.serve.exceptions import BackPressureError
 
@@ -181,6 +189,9 @@ class Ingress:
         self.root, self.pinned = resolve_root(self.cfg.index)
         self.keys = KeyRing.from_config(self.cfg)
         self.limiter = RateLimiter(self.cfg.rate_limit_per_s, self.cfg.rate_burst)
+        self._share_due = 0.0
+        self._share_known = False
+        self._share_task: asyncio.Task | None = None
         self.url_secret = self.keys.signing_secret() if self.keys.enabled else None
         if encoder is None:
             from serve.shard_group import model_uri
@@ -309,8 +320,29 @@ class Ingress:
     def _authorise(self, request: Request) -> str:
         name = self.keys.identify(bearer(request.headers))
         if self.keys.enabled:
+            self._refresh_limiter_share()
             self.limiter.check(name)
         return name
+
+    def _refresh_limiter_share(self) -> None:
+        """Every ``rate_limit_refresh_s``, learn (in the background) how many ingress replicas
+        share the rate limit; requests never wait for it."""
+        now = time.monotonic()
+        if not self.limiter.rate or self._share_task is not None or now < self._share_due:
+            return
+        self._share_due = now + self.cfg.rate_limit_refresh_s
+
+        async def refresh():
+            try:
+                self.limiter.replicas = await asyncio.to_thread(running_ingress_replicas)
+                self._share_known = True
+            except Exception:  # noqa: BLE001 - not in a Serve replica, or the controller is busy
+                log.warning("ingress replica count unavailable; rate limit shared by %d replica(s)",
+                            self.limiter.replicas, exc_info=True)
+            finally:
+                self._share_task = None
+
+        self._share_task = asyncio.get_running_loop().create_task(refresh())
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.cfg.body_limit
@@ -632,6 +664,9 @@ class Ingress:
                            "request_timeout_s": self.cfg.request_timeout_s},
                 "modes": ["dense", "sparse", "hybrid"], "fusions": ["raw", "calibrated", "rrf"],
                 "default_mode": self.cfg.default_mode, "auth": self.keys.enabled,
+                "rate_limit": {"per_s": self.cfg.rate_limit_per_s, "burst": self.cfg.rate_burst,
+                               "ingress_replicas": self.limiter.replicas if self._share_known else None}
+                if self.limiter.rate else None,
                 "swap_pending": self.swap_pending,
             })
 

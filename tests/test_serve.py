@@ -50,14 +50,16 @@ def app(ray_ctx, tmp_path_factory):
     from ray import serve
 
     from serve.app import deploy
-    from serve.config import BatchKnobs, ServeConfig
+    from serve.config import BatchKnobs, DeploymentKnobs, ServeConfig
     from serve.testing import build_demo_index
 
     work = str(tmp_path_factory.mktemp("serve"))
     demo = build_demo_index(work, n_images=12, shards=2)
     cfg = ServeConfig(index=demo.index, port=_free_port(), auth_token=TOKEN, poll_interval_s=0.5,
                       swap_grace_s=0.2, k_max=20, batch=BatchKnobs(batch_wait_timeout_s=0.005),
-                      shards_in_ingress=False)   # every deployment and hop (auto would pick local here)
+                      shards_in_ingress=False,   # every deployment and hop (auto would pick local here)
+                      rate_limit_per_s=1000.0, rate_limit_refresh_s=1.0,
+                      ingress=DeploymentKnobs(min_replicas=2, max_replicas=2, max_ongoing_requests=128))
     url = deploy(cfg, wait_s=240)
     yield url, demo, work
     serve.shutdown()
@@ -158,6 +160,12 @@ def test_bad_requests_get_4xx_json_errors(app, body, status, words):
 
 def test_auth_limits_routes_and_replica_survives(app):
     url, _, _ = app
+    deadline = time.monotonic() + 30          # each ingress replica learns it has one sibling
+    seen = set()
+    while time.monotonic() < deadline and seen != {2}:
+        seen |= {call(url, "/v1/info")[1]["rate_limit"]["ingress_replicas"]} - {None}
+        time.sleep(0.2)
+    assert seen == {2}, seen                  # so each allows half the configured rate
     status, body = call(url, "/v1/search", {"text": "a"}, token=None)
     assert status == 401 and "API key" in body["error"]
     assert call(url, "/v1/search", {"text": "a"}, token="wrong")[0] == 401

@@ -310,6 +310,20 @@ def test_api_keys_from_file_and_env_rate_limit_and_signed_urls(tmp_path):
     limiter.check("bob")  # buckets are per key
     now[0] = 0.5
     limiter.check("alice")  # one token back after 1/rate seconds
+
+    # the configured rate is the deployment's: two replicas each allow half of it
+    replicas = [RateLimiter(4.0, 6, clock=lambda: now[0]) for _ in range(2)]
+    allowed = 0
+    for step in range(400):                     # 10 s of 20 requests/s, spread evenly
+        now[0] = 100 + step * 0.025
+        limiter = replicas[step % 2]
+        limiter.replicas = 2
+        try:
+            limiter.check("alice")
+            allowed += 1
+        except ApiError as exc:
+            assert 0 < exc.retry_after <= 0.5 + 1e-9     # at most one token at 4/2 per s
+    assert 4.0 * 10 <= allowed <= 4.0 * 10 + 6 + 1          # rate x time + the shared burst
     secret = ring.signing_secret()
     assert secret == KeyRing.from_config(cfg, environ={"SDRAY_API_KEYS": "carol:carol-key-89"}).signing_secret()
     q = dict(p.split("=") for p in sign_image_url(secret, "img 1", 256, 60, now=1000).split("&"))
