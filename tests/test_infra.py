@@ -347,6 +347,8 @@ def test_rayservice_matches_serve_config_yaml(monkeypatch):
     assert svc_app["name"] == local_app["name"]
     assert svc_app.get("route_prefix", "/") == local_app.get("route_prefix", "/")
     for app in (svc_app, local_app):
+        # they configure the QueryEncoder (and searchers): the placement must not be left to auto
+        assert app["args"]["shards_in_ingress"] is False and app["args"]["encoder_in_ingress"] is False
         names = built_deployment_names(app, monkeypatch)
         assert {"Ingress", "QueryEncoder"} <= names
         listed = {d["name"] for d in app.get("deployments", [])}
@@ -397,6 +399,30 @@ def test_rayservice_asks_only_for_resources_its_cluster_has():
 
 
 # ----------------------------------------------------------------------------- AWS launcher
+
+def test_long_lived_clusters_keep_the_dashboard_off_every_interface():
+    """The dashboard (job submission and Serve deploy API, no auth) is never on 0.0.0.0 where a
+    cluster lives on: the AWS launcher's head binds loopback (reached through `ray dashboard`'s
+    SSH tunnel); the RayService binds the pod IP (the KubeRay operator deploys through it), admits
+    only the operator's namespace to 8265, and - since KubeRay's default head probes ask
+    localhost:8265 - declares its own probes against that IP."""
+    head_cmd = " ".join(load("cluster-aws.yaml")["head_start_ray_commands"])
+    assert re.search(r"--dashboard-host[= ]127\.0\.0\.1(\s|$)", head_cmd), head_cmd
+    head = cluster_spec(load("rayservice.yaml"))["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "$SDRAY_POD_IP"
+    container = containers(head)[0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SDRAY_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[:2] == ["bash", "-c"], probe
+        assert "http://$SDRAY_POD_IP:8265/api/gcs_healthz" in command[2] and "localhost:8265" not in command[2]
+    policy = load("networkpolicy-dashboard.yaml")
+    to_dashboard = [rule for rule in policy["spec"]["ingress"]
+                    if any(port["port"] == 8265 for port in rule.get("ports", []))]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    assert len(to_dashboard) == 1 and [set(f) for f in to_dashboard[0]["from"]] == [{"namespaceSelector"}]
+
 
 def test_aws_cluster_launcher():
     cfg = load("cluster-aws.yaml")
