@@ -284,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
                              "p50_ratio": sv["p50_ms"] / ip["p50_ms"] if ip["p50_ms"] else None,
                              "qps_ratio": sv["qps"] / ip["qps"] if ip["qps"] else None})
             report["variants"][variant] = rows
+            status_ms = []
+            for _ in range(5):      # what an ingress replica pays per rate_limit_refresh_s for its share
+                t1 = time.perf_counter()
+                serve.status()
+                status_ms.append((time.perf_counter() - t1) * 1000)
+            report.setdefault("serve_status_ms", {})[variant] = float(np.median(status_ms))
             print(f"\nplacement: {variant}")
             print(f"{'conc':>4} | {'in-proc p50':>11} {'p99':>8} {'QPS':>7} | {'serve p50':>9} {'p99':>8} "
                   f"{'QPS':>7} {'errors':>6} | {'p50 ratio':>9} {'QPS ratio':>9}")
@@ -292,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['concurrency']:>4} | {ip['p50_ms']:>9.1f}ms {ip['p99_ms']:>6.1f}ms {ip['qps']:>7.1f} | "
                       f"{sv['p50_ms']:>7.1f}ms {sv['p99_ms']:>6.1f}ms {sv['qps']:>7.1f} {sv['errors']:>6} | "
                       f"{r['p50_ratio']:>8.2f}x {r['qps_ratio']:>8.2f}x")
+            print(f"  serve.status() (the rate-limit replica count): median {np.median(status_ms):.1f} ms of 5")
             for r in rows:
                 w = r["serve"].get("where_ms") or {}
                 if w:
