@@ -83,8 +83,17 @@ def test_featurize_local_counts_skips_and_resumes(ray_session, tmp_path):
     assert storage.exists(storage.join(out, "gen", "train", "shard-00000.parquet"))
     # one small record per finished shard, written beside the outputs
     assert len(storage.list_files(storage.join(out, "_shards"), (".json",))) == 7
-    urls = pq.read_table(storage.join(out, "web", "00000.parquet")).column("url").to_pylist()
-    assert urls == [f"http://example.com/{i}.jpg" for i in range(4)]
+    web = pq.read_table(storage.join(out, "web", "00000.parquet"))
+    assert web.column("url").to_pylist() == [f"http://example.com/{i}.jpg" for i in range(4)]
+    from sdray.data.formats import iter_shard_samples
+    from sdray.data.skips import SkipCounts
+    from serve.images import read_image_bytes      # each row knows where its image sits in the tar
+
+    tar = storage.join(root, "web", "00000.tar")
+    images = {s["key"]: s["image"] for s in iter_shard_samples(
+        io.BytesIO(storage.read_bytes(tar)), tar, SkipCounts())}
+    for key, loc in zip(web.column("key").to_pylist(), web.column("image_loc").to_pylist()):
+        assert loc.startswith("bytes=") and read_image_bytes(f"{tar}#{key}", loc) == images[key]
     # re-run: nothing to do
     m2 = featurize(root, out, BACKBONE, progress=False)
     assert m2["last_run"]["shards"] == 0 and m2["n_samples"] == n and m2["skips"] == counts
