@@ -76,7 +76,7 @@ def hits_per_weight(dense: torch.Tensor, sparse: torch.Tensor, relevant: torch.T
 
 def measure(runs_path: str, row: dict, val: dict, test: dict) -> dict[str, float]:
     """Every figure of one run (fractions of the eval split's t2i queries)."""
-    heads = heads_of(runs_path, row, config_lib.SdrayConfig())
+    heads = heads_of(runs_path, row, config_lib.with_overrides(config_lib.SdrayConfig(), row.get("overrides", {})))
     vd, vs, vr = t2i_scores(heads, val)
     td, ts, tr = t2i_scores(heads, test)
     out = {"dense": top1_hits(td, tr).float().mean().item(),

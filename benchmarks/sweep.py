@@ -100,6 +100,9 @@ SETTINGS: dict[str, tuple[str, str | None, dict]] = {
     # joint-default model (its L1 norm is ~7x its FLOPS value on the icon val split)
     "joint-flops-2e-2": ("joint", "dense", {"loss.regularizer": "flops", "loss.q_reg": 2e-2,
                                             "loss.d_reg": 2e-2}),
+    # a weaker L1 for a stronger sparse side, its length capped by top-k pruning at the nnz budget
+    "joint-reg1e-3-top256": ("joint", "dense", {"loss.q_reg": 1e-3, "loss.d_reg": 1e-3,
+                                                "heads.topk_text": 256, "heads.topk_image": 256}),
     "joint-flops-ec": ("joint", "dense", {**OFFICIAL, "loss.regularizer": "flops", "loss.q_reg": 5e-2,
                                           "loss.d_reg": 5e-2, "loss.expansion_control": True}),
 }
