@@ -1,6 +1,6 @@
 """``sdray featurize``: frozen-backbone features of image–text shards (Ray Data batch inference).
 
-Pipeline: the list of pending input shards -> an actor pool of :class:`Featurizer`\s
+Pipeline: the list of pending input shards -> an actor pool of Featurizers (:class:`Featurizer`)
 (``ActorPoolStrategy``; GPU + fp16 when present). Each actor takes one whole input shard at a
 time: reads it (retried; a storage fault fails the task, Ray retries it, then the job fails
 naming the shard), decodes the next batch in a background thread while the backbone runs on the

@@ -65,8 +65,11 @@ class HeadConfig(_Strict):
     tau_init: float = Field(0.07, gt=0.0, le=1.0)
     tau_min: float = Field(0.001, gt=0.0, le=1.0)
     tau_max: float = Field(0.5, gt=0.0, le=1.0)
-    topk_text: int | None = Field(None, ge=1, description="Keep the top-k terms per caption.")
-    topk_image: int | None = Field(None, ge=1, description="Keep the top-k terms per image.")
+    topk_text: int | None = Field(
+        256, ge=1, description="A served caption vector keeps at most this many terms (eval, index, "
+        "export, serve); training's validation sees uncapped vectors, so selection.max_nnz still "
+        "judges the model's own sparsity. None: no cap.")
+    topk_image: int | None = Field(256, ge=1, description="The same cap per image vector.")
 
     @model_validator(mode="after")
     def _tau_range(self) -> "HeadConfig":
@@ -239,7 +242,7 @@ def _merge(base: dict, update: dict) -> dict:
 def _official(w1, w2, l1, l2, q_reg, d_reg, lr, backbone: dict) -> dict:
     """The official training behaviour of Song et al. (holi-lab/mm-sparse-retrieval): its
     per-setting values, its teacher (not detached, un-transposed text→image teacher), no
-    sparsity budget on checkpoint selection, and its search-time fusion ``w1·cos + w2·sparse``
+    sparsity budget on checkpoint selection, no top-k cap on served vectors, and its search-time fusion ``w1·cos + w2·sparse``
     with the loss weights, fixed (not calibrated on val)."""
     return {
         "backbone": backbone,
@@ -248,6 +251,7 @@ def _official(w1, w2, l1, l2, q_reg, d_reg, lr, backbone: dict) -> dict:
                  "teacher_orientation": "official"},
         "fusion": {"method": "raw", "normalize": None, "w1": None, "w2": None, "calibrate": False},
         "selection": {"max_nnz": None},
+        "heads": {"topk_text": None, "topk_image": None},
         "optim": {"lr": lr, "method_lr": {}, "sparse_head_lr": None, "batch_size": 256,
                   "weight_decay": 0.05, "warmup_fraction": 0.2},
     }
@@ -255,12 +259,14 @@ def _official(w1, w2, l1, l2, q_reg, d_reg, lr, backbone: dict) -> dict:
 
 def _sdray_variant(official: dict) -> dict:
     """sdray's variant of an official preset: the same per-setting values, with the teacher
-    detached and correctly oriented, checkpoints selected within 256 nnz, and the search-time
+    detached and correctly oriented, checkpoints selected within 256 nnz, served vectors capped at
+    256 terms, and the search-time
     fusion ``cos/τ + w2·sparse`` with w2 chosen on the val split (DESIGN.md §1, docs/sweep.md)."""
     return _merge(official, {
         "loss": {"detach_teacher": True, "teacher_orientation": "correct"},
         "fusion": {"method": "calibrated", "w1": 1.0, "w2": 1.0, "calibrate": True},
         "selection": {"max_nnz": 256.0},
+        "heads": {"topk_text": 256, "topk_image": 256},
     })
 
 

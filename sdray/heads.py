@@ -12,7 +12,9 @@ dimension is a readable word piece.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -117,6 +119,17 @@ class RetrieverHeads(nn.Module):
     @torch.no_grad()
     def clamp_tau_(self) -> None:
         self.tau.clamp_(*self.tau_range)
+
+    @contextmanager
+    def uncapped(self) -> Iterator["RetrieverHeads"]:
+        """Encode without the top-k caps while inside: training's validation judges the model's
+        own sparsity, which a cap at the budget would hide (every epoch would look within it)."""
+        caps = self.topk_text, self.topk_image
+        self.topk_text = self.topk_image = None
+        try:
+            yield self
+        finally:
+            self.topk_text, self.topk_image = caps
 
     def encode_text(self, features: torch.Tensor) -> Encoded:
         """(B, text_dim) pre-projection caption features -> :class:`Encoded`."""

@@ -733,7 +733,8 @@ def fit_in_process(cfg: SdrayConfig, heads: RetrieverHeads, train: dict[str, Any
                "tau": float(trainer.heads.tau.detach()), "seconds": time.time() - t0}
         if val is not None:
             trainer.heads.eval()
-            res, _ = evaluate_and_calibrate(trainer.heads, val, cfg)  # res["fusion"]: the chosen one
+            with trainer.heads.uncapped():  # res["fusion"]: the chosen one
+                res, _ = evaluate_and_calibrate(trainer.heads, val, cfg)
             trainer.heads.train()
             row["val"] = res
             if sel.update(epoch + 1, res):

@@ -455,3 +455,22 @@ def test_same_seed_same_run_in_process():
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     assert not torch.equal(sa["sparse.transform.weight"], sc["sparse.transform.weight"])
+
+
+def test_validation_judges_uncapped_vectors_and_the_kept_model_serves_capped_ones():
+    """heads.topk_* caps what eval/index/serve see; the selection budget must still see the
+    model's own sparsity, or a cap at the budget would make every epoch look within it."""
+    from sdray.model import build_heads
+    from sdray.training import fit_in_process
+
+    train, val = _feature_data(64, 0), _feature_data(32, 1)
+    cfg = from_dict({"loss": {"method": "joint"}, "heads": {"topk_text": 3, "topk_image": 3},
+                     "optim": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "method_lr": {}},
+                     "selection": {"max_nnz": 5.0}, "fusion": {"w2_grid": [1.0]}})
+    heads, history = fit_in_process(cfg, build_heads(cfg, _StubBackbone()), train, val)
+    sparsity = history[0]["val"]["sparsity"]
+    assert sparsity["text_nnz"] > 5 and sparsity["image_nnz"] > 5  # uncapped, over the budget
+    assert not history[0]["selected"]
+    served = heads.encode_text(torch.as_tensor(val["text_features"][:8], dtype=torch.float32)).sparse
+    assert int((served != 0).sum(1).max()) <= 3
+    assert heads.topk_text == heads.topk_image == 3  # the caps are back after validation
