@@ -102,3 +102,38 @@ def img2dataset_tar(n=4, start=0) -> bytes:
                                  "height": 20, "caption": f"web caption number {i}",
                                  "original_width": 240, "original_height": 200}})
     return tar_shard_bytes(samples)
+
+
+def saved_sweep_run(runs: str, names: tuple[str, ...] = ("joint-x",)) -> None:
+    """A sweep results file at ``runs`` as ``benchmarks/sweep.py`` writes it: one row per name
+    (3 epochs, seed 1, val-chosen w2 0.5 / z-score 0.2) and, for ``joint-x``, its saved random
+    heads (24-d text and 20-d image features, 16-d projections, a 300-term vocabulary)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sdray.heads import RetrieverHeads
+
+    torch.manual_seed(0)
+    heads = RetrieverHeads(torch.nn.Linear(24, 16), torch.nn.Linear(20, 16), torch.randn(300, 16), tau_init=0.05)
+    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, f"{runs}.joint-x.e3.s1.safetensors")
+    row = {"epochs": 3, "seed": 1, "test": {"val_w2": 0.5, "val_w2_zscore": 0.2}}
+    with open(runs, "w") as f:
+        f.write("".join(json.dumps({"name": name, **row}) + "\n" for name in names))
+
+
+def repeated_feature_split(rng, n_images: int, n_captions: int, n: int) -> dict:
+    """``n`` random feature pairs over ``n_images`` images and ``n_captions`` captions (pair i:
+    image i mod n_images, caption i mod n_captions; one feature vector per image and per caption),
+    so some images have several captions and some captions several images."""
+    import numpy as np
+
+    data = {"image_id": [f"img{i % n_images}" for i in range(n)],
+            "caption": [f"caption {i % n_captions}" for i in range(n)],
+            "text_features": rng.standard_normal((n, 24)).astype(np.float32),
+            "image_features": rng.standard_normal((n, 20)).astype(np.float32)}
+    for i in range(n):
+        data["image_features"][i] = data["image_features"][i % n_images]
+        data["text_features"][i] = data["text_features"][i % n_captions]
+    return data

@@ -4,7 +4,6 @@ ceiling must be (a chosen weight ≤ the best weight on the split ≤ the per-qu
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -14,6 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 ceiling = pytest.importorskip("fusion_ceiling")
+
+from tests.data_fixtures import repeated_feature_split, saved_sweep_run  # noqa: E402
 
 
 def test_top1_hits_counts_a_tie_with_a_non_relevant_item_as_a_miss():
@@ -34,29 +35,10 @@ def test_per_query_oracle_finds_a_weight_no_single_weight_serves():
 
 @pytest.fixture
 def run(tmp_path):
-    from safetensors.torch import save_file
-
-    from sdray.heads import RetrieverHeads
-
-    torch.manual_seed(0)
-    heads = RetrieverHeads(torch.nn.Linear(24, 16), torch.nn.Linear(20, 16), torch.randn(300, 16), tau_init=0.05)
     runs = str(tmp_path / "runs.jsonl")
-    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, f"{runs}.joint-x.e3.s1.safetensors")
-    row = {"name": "joint-x", "epochs": 3, "seed": 1, "test": {"val_w2": 0.5, "val_w2_zscore": 0.2}}
-    with open(runs, "w") as f:
-        f.write(json.dumps(row) + "\n")
+    saved_sweep_run(runs)
     rng = np.random.default_rng(0)
-
-    def split(n_img: int, n_cap: int, n: int) -> dict:
-        data = {"image_id": [f"img{i % n_img}" for i in range(n)], "caption": [f"c{i % n_cap}" for i in range(n)],
-                "text_features": rng.standard_normal((n, 24)).astype(np.float32),
-                "image_features": rng.standard_normal((n, 20)).astype(np.float32)}
-        for i in range(n):
-            data["image_features"][i] = data["image_features"][i % n_img]
-            data["text_features"][i] = data["text_features"][i % n_cap]
-        return data
-
-    return runs, split(30, 40, 50), split(60, 75, 90)
+    return runs, repeated_feature_split(rng, 30, 40, 50), repeated_feature_split(rng, 60, 75, 90)
 
 
 def test_figures_agree_with_evaluation_and_form_a_ceiling(run):
