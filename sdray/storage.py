@@ -183,19 +183,24 @@ def explain_error(uri: str, err: BaseException) -> StorageError:
 
 
 def check_access(uri: str, write: bool = False) -> None:
-    """Fail early with a clear :class:`StorageError` if ``uri`` cannot be listed (or written)."""
+    """Fail early with a clear :class:`StorageError` if ``uri`` cannot be listed (or written).
+    Transient faults are retried like any read (:func:`call_with_retries`)."""
     if not is_remote(uri):
         return
     fs, path = filesystem(uri)
-    try:
-        bucket = path.split("/", 1)[0]
-        fs.ls(bucket, refresh=True)
+
+    def probe() -> None:
+        fs.ls(path.split("/", 1)[0], refresh=True)
         if write:
-            probe = f"{path}/.sdray-write-probe"
-            fs.pipe(probe, b"")
-            fs.rm(probe)
+            fs.pipe(f"{path}/.sdray-write-probe", b"")
+            fs.rm(f"{path}/.sdray-write-probe")
+
+    try:
+        call_with_retries(probe, f"checking access to {uri}")
     except FileNotFoundError as err:
         raise StorageError(f"{uri}: the bucket does not exist ({err})") from err
+    except ShardStorageError as err:
+        raise explain_error(uri, err.__cause__ or err) from err
     except Exception as err:
         raise explain_error(uri, err) from err
 
