@@ -40,7 +40,7 @@ STATE = "demo_state.json"
 # while d2s still improves at epoch 8 and joint reaches the nnz budget only at epoch 7.
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"n": 4000, "n_val": 250, "n_test": 500, "epochs": 8, "dense_epochs": 5,
-             "batch_size": 256, "image_size": 128, "shards": 2},
+             "batch_size": 256, "image_size": 96, "shards": 2},
     "small": {"n": 512, "n_val": 48, "n_test": 64, "epochs": 2, "dense_epochs": 2,
               "batch_size": 128, "image_size": 96, "shards": 2},
 }
@@ -147,10 +147,12 @@ def _train(work: str, method: str, s: dict, extra_sets: list[str]) -> dict:
 
 
 def _index(work: str, s: dict) -> dict:
-    """The joint model over the raw test corpus (images get thumbnails), via ``sdray index``'s job."""
+    """The joint model over the test corpus, via ``sdray index``'s job: from its feature split
+    (the backbone ran once, in featurize); thumbnails are read from the raw shards the featurize
+    manifest names."""
     from pipelines.index import run_index
 
-    summary = run_index(os.path.join(work, "models", "joint"), os.path.join(work, "data", "test"),
+    summary = run_index(os.path.join(work, "models", "joint"), os.path.join(work, "features", "test"),
                         os.path.join(work, "index"), shards=s["shards"], threads=s["cpus"])
     return {"index": os.path.join(work, "index"), "version": summary.get("version"),
             "counts": summary.get("counts"), "shards": summary.get("shards")}

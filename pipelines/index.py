@@ -66,19 +66,27 @@ def caption_id(caption: str) -> str:
 # ----------------------------------------------------------------------------- corpus kind
 
 def feature_sources(uri: str) -> dict[str, str]:
-    """Raw shard URI by shard name, from a featurize manifest (``{}`` when absent/ambiguous).
+    """Raw shard URI by shard name, from the featurize manifest of ``uri`` or, for one split of a
+    featurize output (``OUT/test``), of its parent (``{}`` when absent/ambiguous).
 
     One entry per input file (bounded by the file count, not the document count)."""
     from sdray.data.formats import shard_name
 
-    try:
-        m = storage.read_json(storage.join(uri, "manifest.json"))
-    except FileNotFoundError:
-        return {}
-    names: dict[str, list[str]] = {}
-    for raw, info in ((m.get("shards") or {}) if isinstance(m, dict) else {}).items():
-        names.setdefault((info or {}).get("shard_id") or shard_name(raw), []).append(raw)
-    return {n: v[0] for n, v in names.items() if len(v) == 1}
+    split = uri.rstrip("/")
+    for root in (split, split.rsplit("/", 1)[0]):
+        try:
+            m = storage.read_json(storage.join(root, "manifest.json"))
+        except FileNotFoundError:
+            continue
+        shards = (m.get("shards") or {}) if isinstance(m, dict) else {}
+        names: dict[str, list[str]] = {}
+        for raw, info in shards.items():
+            info = info or {}
+            if root != split and not str(info.get("output", "")).startswith(split + "/"):
+                continue        # the parent's manifest: only this split's shards
+            names.setdefault(info.get("shard_id") or shard_name(raw), []).append(raw)
+        return {n: v[0] for n, v in names.items() if len(v) == 1}
+    return {}
 
 
 def corpus_files(corpus: str, features: bool) -> list[str]:

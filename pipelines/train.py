@@ -120,6 +120,16 @@ def _flat_val(result: dict) -> dict[str, float]:
     return out
 
 
+def _worker_rows(uri: str, rank: int, world: int, seed: int, keep: int) -> dict:
+    """This worker's seeded share (``keep`` rows) of the feature split at ``uri``."""
+    from pipelines.evaluate import FEATURE_SPLIT_COLUMNS, read_feature_columns
+    from sdray.data.epoch_cache import worker_share
+
+    cols = read_feature_columns(uri, FEATURE_SPLIT_COLUMNS)
+    idx = worker_share(len(cols["caption"]), rank, world, seed, keep)
+    return {k: v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx] for k, v in cols.items()}
+
+
 def stacked_features(batch: dict) -> dict:
     """A features-mode batch with its feature columns as (B, H) float32 arrays (Ray Data hands
     them out as object arrays of rows)."""
@@ -200,6 +210,9 @@ def train_loop(config: dict) -> None:
     val_cache: dict | None = None
     # features mode: the first epoch's rows stay in memory and later epochs replay them
     cache = EpochCache(cfg.data.epoch_cache_max_bytes if config["mode"] == "features" else 0)
+    if config.get("train_files"):   # a small feature split: read here, no Ray Data
+        cache.fill(_worker_rows(config["train_files"], rank, world, cfg.optim.seed,
+                                steps_per_epoch * per_worker))
 
     def batches_of(epoch: int):
         if cache.ready:
@@ -252,7 +265,7 @@ def train_loop(config: dict) -> None:
     if loop.get("finished"):
         start_epoch = epochs
     eta = Progress("train", max(0, config["total_steps"] - trainer.step), "steps", enabled=False)
-    if cache.enabled and 0 < start_epoch < epochs:
+    if cache.enabled and not cache.ready and 0 < start_epoch < epochs:
         # resumed past the first epoch: rebuild the replayed rows from the first epoch's order,
         # so the resumed epoch skips the batches the interrupted run had trained on
         for _ in zip(range(steps_per_epoch), batches_of(0)):
@@ -418,6 +431,13 @@ def _dataset(uri: str, mode: str, cfg, seed: int):
                            seed=seed)
 
 
+def _split_bytes(uri: str) -> int:
+    """Total size of the Parquet files of a feature split."""
+    fs, _ = storage.filesystem(uri)
+    return sum(fs.size(f[len("s3://"):] if f.startswith("s3://") else f)
+               for f in storage.list_files(uri, (".parquet",)))
+
+
 def _count_rows(uri: str, mode: str, cfg) -> int:
     if mode == "features":
         import pyarrow.parquet as pq
@@ -517,7 +537,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"{n_rows} training rows are fewer than one batch of {cfg.optim.batch_size}")
     total_steps = steps_per_epoch * cfg.optim.epochs
     heads, copied, special = initial_heads(cfg, args.init)
-    datasets = {"train": _dataset(args.train, mode, cfg, cfg.optim.seed)}
+    direct = mode == "features" and _split_bytes(args.train) <= cfg.data.direct_read_max_bytes
+    datasets = {} if direct else {"train": _dataset(args.train, mode, cfg, cfg.optim.seed)}
     if val_mode == "raw":  # feature files are read by rank 0 itself (collect_val)
         datasets["val"] = _dataset(args.val, val_mode, cfg, 0)
     marker = args.failure_marker or os.path.join(tempfile.gettempdir(), f"sdray-fail-{os.getpid()}")
@@ -527,6 +548,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
         "per_worker_batch": per_worker, "log_every": max(1, args.log_every),
         "shuffle_buffer": min(cfg.data.shuffle_buffer, 4 * per_worker) if cfg.data.shuffle_files else 0,
+        "train_files": (args.train if storage.is_remote(args.train) else os.path.abspath(args.train))
+        if direct else None,
         "has_val": bool(args.val), "val_features": None if val_mode != "features" else (
             args.val if storage.is_remote(args.val) else os.path.abspath(args.val)),
         "fail_step": args.inject_failure_step, "fail_marker": marker,
@@ -535,6 +558,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # A pending heads_ref inside a list keeps Ray from resolving it before the workers start.
     print(f"[sdray train] method {cfg.loss.method}, {mode} mode, {n_rows} pairs, {workers} worker(s) "
           f"x batch {per_worker}, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs"
+          + (", each worker reads the split itself (data.direct_read_max_bytes)" if direct else "")
           + (f", init {args.init} ({len(copied)} tensors)" if args.init else ""), flush=True)
     # Ray Train writes checkpoints through pyarrow, not fsspec: give it an S3 client with the
     # same endpoint, retries and timeouts (StorageConfig) as every other storage call

@@ -152,39 +152,42 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
 
 # --------------------------------------------------------------------------------------------
 # sparse-aware kernels (CPU): exact gradients, cost proportional to the non-zeros.
-# Opt-in (Trainer(fast_kernels=True)): measured on this project's 2-core CPU at batch 256 and
-# |V| 30,522 with ~200 non-zeros per vector, torch's CPU sparse products (COO/CSR sparse.mm) were
-# not faster than MKL's dense matmuls (benchmarks/train_step.py), so the default is the dense path.
+# The vocabulary projection's backward (``_SparseVocab``) is the default on CPU: once fewer than
+# SPARSE_DENSITY_THRESHOLD of the logits are positive (a trained head: a few hundred of |V|), its
+# two B×V×H gradient matmuls become products over the non-zeros; the forward matmul stays dense
+# (the positives are not known before it). Measured on the demo's features (2-core CPU, batch
+# 256, |V| 30,522): a joint step 0.60 → 0.48 s, a d2s step 0.64 → 0.43 s (benchmarks/train_step.py).
+# The CSR score products (``_SparseScores``) stay opt-in (Trainer(fast_kernels=True)): torch's CPU
+# CSR products and the transposed copies they need were slower than MKL's dense matmuls.
 
 #: above this fraction of non-zeros the dense BLAS path is faster than the sparse one
 SPARSE_DENSITY_THRESHOLD = 0.02
 
 
 def _density(x: torch.Tensor) -> float:
-    return float((x != 0).sum()) / max(1, x.numel())
+    return int(torch.count_nonzero(x)) / max(1, x.numel())
 
 
 class _SparseVocab(torch.autograd.Function):
     """``z = log1p(relu(y @ W.T))`` whose backward only touches the positive logits.
 
-    The derivative of ``log1p(relu(l))`` is ``1/(1+l)`` where ``l > 0`` and 0 elsewhere, so the
-    gradients of ``y (B, H)`` and ``W (V, H)`` are sparse-matrix products over the non-zeros of
-    ``z`` instead of two dense ``B×V×H`` matmuls. Exact.
+    The derivative of ``log1p(relu(l))`` is ``1/(1+l)`` where ``l > 0`` and 0 elsewhere, so when
+    few logits are positive the gradients of ``y (B, H)`` and ``W (V, H)`` are sparse-matrix
+    products over the non-zeros of ``z`` instead of two dense ``B×V×H`` matmuls. Exact. Denser
+    than ``SPARSE_DENSITY_THRESHOLD``, the backward is the dense one.
     """
 
     @staticmethod
     def forward(ctx, y, weight):
-        logits = y @ weight.T
-        z = torch.log1p(torch.relu(logits))
-        pos = logits > 0
-        ctx.sparse = float(pos.sum()) / max(1, pos.numel()) < SPARSE_DENSITY_THRESHOLD
+        pos = (y @ weight.T).relu_()
+        ctx.sparse = _density(pos) < SPARSE_DENSITY_THRESHOLD
         if ctx.sparse:
             rows, cols = pos.nonzero(as_tuple=True)
-            ctx.save_for_backward(y, weight, rows, cols, 1.0 / (1.0 + logits[rows, cols]))
+            ctx.save_for_backward(y, weight, rows, cols, 1.0 / (1.0 + pos[rows, cols]))
         else:
-            ctx.save_for_backward(y, weight, torch.where(pos, 1.0 / (1.0 + logits.clamp_min(0)), 0.0))
-        ctx.shape = logits.shape
-        return z
+            ctx.save_for_backward(y, weight, pos)
+        ctx.shape = pos.shape
+        return torch.log1p(pos)
 
     @staticmethod
     def backward(ctx, gz):
@@ -195,8 +198,9 @@ class _SparseVocab(torch.autograd.Function):
             gy = torch.sparse.mm(gl, weight) if ctx.needs_input_grad[0] else None
             gw = torch.sparse.mm(gl.t(), y) if ctx.needs_input_grad[1] else None
             return gy, gw
-        y, weight, deriv = ctx.saved_tensors
-        gl = gz * deriv
+        y, weight, pos = ctx.saved_tensors
+        # relu's backward (zero where the logit was not positive) of log1p's (gz / (1 + l))
+        gl = torch.ops.aten.threshold_backward(gz / (pos + 1.0), pos, 0.0)
         return (gl @ weight if ctx.needs_input_grad[0] else None,
                 gl.T @ y if ctx.needs_input_grad[1] else None)
 
@@ -220,9 +224,9 @@ class _SparseScores(torch.autograd.Function):
         return ga, gb
 
 
-def sparse_encode(sparse_head, dense: torch.Tensor, fast: bool = False) -> torch.Tensor:
-    """``SparseHead`` forward with the sparse-aware backward (CPU; falls back to the module)."""
-    if not fast or dense.device.type != "cpu" or torch.is_autocast_enabled():
+def sparse_encode(sparse_head, dense: torch.Tensor) -> torch.Tensor:
+    """``SparseHead`` forward; on CPU with the sparse-aware backward (:class:`_SparseVocab`)."""
+    if dense.device.type != "cpu" or torch.is_autocast_enabled():
         return sparse_head(dense)
     y = sparse_head.norm(sparse_head.transform(dense))
     return _SparseVocab.apply(y, sparse_head.vocab_projector.weight)
@@ -389,7 +393,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr,
                                            weight_decay=cfg.optim.weight_decay)
         self.amp = bool(cfg.optim.amp and self.device.type == "cuda")
-        self.fast = fast_kernels
         if fast_kernels and self.method != "dense":
             self.loss_module.sparse_scorer = lambda a, b: sparse_scores(a, b, fast=True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -409,8 +412,8 @@ class Trainer:
                 d_img = heads.vision_proj(batch.image_features)
             z_txt = z_img = None
             if self.method != "dense":
-                z_txt = sparse_encode(heads.sparse, d_txt, self.fast)
-                z_img = sparse_encode(heads.sparse, d_img, self.fast)
+                z_txt = sparse_encode(heads.sparse, d_txt)
+                z_img = sparse_encode(heads.sparse, d_img)
         d_txt, d_img = d_txt.float(), d_img.float()
         tau = heads.tau.reshape(())
         if frozen_dense:

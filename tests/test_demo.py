@@ -175,6 +175,19 @@ def test_demo_end_to_end_small(tmp_path):
             assert isinstance(h["explanation"], list)
     assert any(h["explanation"] for q in out["queries"] for h in q["hits"])
 
+    # the index was built from the test features; its images still point into the raw shards
+    from sdray.index import Retriever
+
+    r = Retriever.load(str(work / "index"))
+    try:
+        metas = [shard.meta for shard in r.shards["images"]]
+    finally:
+        r.close()
+    raw = {str(p) for p in (work / "data" / "test").iterdir()}
+    uris = [u for m in metas for u in m["uri"]]
+    assert uris and all(u and u.split("#")[0] in raw for u in uris)
+    assert all(loc for m in metas for loc in m["image_loc"])
+
     # same workdir again: every finished stage is reused, nothing recomputed
     again, _ = _run_demo(work, "--no-serve")
     assert again["reused"] == list(STAGES) and again["ran"] == []

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sdray.data.epoch_cache import EpochCache, batch_nbytes
+from sdray.data.epoch_cache import EpochCache, batch_nbytes, worker_share
 
 
 def _stream(n_batches: int, batch_size: int = 4, dim: int = 3):
@@ -83,3 +83,26 @@ def test_disabled_cache_records_nothing():
     assert not cache.ready
     with pytest.raises(RuntimeError):
         next(cache.batches(4, seed=0))
+
+
+def test_worker_shares_are_disjoint_equal_and_seeded():
+    shares = [worker_share(103, rank, 3, seed=9, keep=32) for rank in range(3)]
+    assert all(len(s) == 32 for s in shares)
+    assert len(set(np.concatenate(shares))) == 96 and max(map(max, shares)) < 103
+    assert np.array_equal(worker_share(103, 1, 3, seed=9, keep=32), shares[1])
+    assert not np.array_equal(worker_share(103, 1, 3, seed=10, keep=32), shares[1])
+    with pytest.raises(ValueError, match="fewer than"):
+        worker_share(10, 0, 3, seed=0, keep=5)
+
+
+def test_filled_cache_replays_the_given_rows_with_lists_as_object_columns():
+    cache = EpochCache(1 << 20)
+    cache.fill({"caption": [f"c{i}" for i in range(12)], "input_ids": [np.arange(i + 1) for i in range(12)],
+                "text_features": np.arange(24, dtype=np.float32).reshape(12, 2)})
+    assert cache.ready and cache.num_rows == 12 and cache.nbytes > 0
+    batches = list(cache.batches(5, seed=1))
+    assert len(batches) == 2     # whole batches only
+    for b in batches:
+        for cap, ids, feat in zip(b["caption"], b["input_ids"], b["text_features"]):
+            i = int(cap[1:])
+            assert len(ids) == i + 1 and feat.tolist() == [2 * i, 2 * i + 1]

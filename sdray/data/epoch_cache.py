@@ -7,6 +7,10 @@ are small next to the images they came from, so a worker that sees them once can
 draw later epochs from memory. Epoch ``e`` then visits the same rows in the order of a
 permutation seeded by ``seed + e``, so a run stays reproducible.
 
+A split small enough (``data.direct_read_max_bytes``) skips Ray Data altogether: each worker
+reads the files itself and :meth:`EpochCache.fill` s the cache with its share of the rows
+(:func:`worker_share`), so even the first epoch is replayed from memory.
+
 Only whole batches are kept (what the first epoch trained on); rows a ``drop_last`` split left
 out of the first epoch stay out of later ones too, at most one batch's worth per worker.
 """
@@ -77,6 +81,11 @@ class EpochCache:
             self._rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return self.ready
 
+    def fill(self, rows: Batch) -> None:
+        """Replay ``rows`` (equal-length columns) from now on, without recording an epoch."""
+        self._rows = {k: v if isinstance(v, np.ndarray) else _object_array(v) for k, v in rows.items()}
+        self.nbytes = batch_nbytes(self._rows)
+
     def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         """Whole batches of ``batch_size`` rows in the order of a permutation seeded by ``seed``."""
         if self._rows is None:
@@ -85,3 +94,18 @@ class EpochCache:
         for start in range(0, self.num_rows - batch_size + 1, batch_size):
             rows = order[start:start + batch_size]
             yield {k: v[rows] for k, v in self._rows.items()}
+
+
+def _object_array(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def worker_share(num_rows: int, rank: int, world: int, seed: int, keep: int) -> np.ndarray:
+    """Row indices ``(keep,)`` of worker ``rank`` of ``world``: every ``world``-th row of a
+    permutation seeded by ``seed``, so the workers' shares are disjoint and equal in size."""
+    mine = np.random.default_rng(seed).permutation(num_rows)[rank::world]
+    if len(mine) < keep:
+        raise ValueError(f"worker {rank} of {world} has {len(mine)} rows, fewer than {keep}")
+    return mine[:keep]
