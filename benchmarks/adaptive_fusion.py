@@ -9,17 +9,21 @@ For every run of ``benchmarks/sweep.py --eval-split SPLIT`` named in ``--only`` 
 it loads the run's saved heads, encodes ``FEAT/val`` and ``FEAT/SPLIT`` (unique images and
 captions, as :func:`sdray.evaluation.evaluate_features`), and scores both directions, queries
 as rows, with :class:`sdray.fusion.FusionConfig` over a grid: sparse weight ``w2`` (``--w2``),
-confidence power ``p`` (``--powers``; 0 is the fixed-weight fusion, ``p > 0`` the per-query
-weight ``w2·(gap_sparse/gap_dense)^p``), raw (``cos/τ``) or z-scored scores. Every choice is made
-on **val** and reported on the eval split:
+confidence power ``p`` (``--powers``: the per-query factor ``(gap_sparse/gap_dense)^p``), cosine
+slope ``β`` (``--slopes``: the per-query factor ``exp(β·(0.5 − best cosine))``), on ``cos/τ``
+(``--normalize none``, the default) and/or z-scored scores (``zscore``: ``z-`` prefix). ``p = β =
+0`` is the fixed-weight fusion. Every choice is made on **val** and reported on the eval split:
 
-* ``fixed``: ``p = 0``, the ``w2`` with the best val RSUM (the sweep's fusion, on a finer grid);
-* ``adaptive``: the ``(p, w2)`` with the best val RSUM; ``p`` may come out 0;
-* the same two chosen for val **t2i R@1** (``fixed@t2i``, ``adaptive@t2i``) — the target's metric;
-* each of them with z-scored scores (``z-`` prefix).
+* ``fixed``: ``p = β = 0``, the ``w2`` with the best val RSUM (the sweep's fusion, finer grid);
+* ``gap``: ``β = 0``, the ``(p, w2)`` with the best val RSUM (``p`` may come out 0);
+* ``level``: ``p = 0``, the ``(β, w2)`` with the best val RSUM;
+* ``both``: the ``(p, β, w2)`` with the best val RSUM;
+* ``fixed@t2i``, ``level@t2i``, ``both@t2i``: chosen for val **t2i R@1**, the target's metric;
+* ``best-on-test (diag.)``: the grid point with the best t2i R@1 on the eval split itself — the
+  most this family can give, never a result.
 
-Ties on val go to the smaller ``p``, then the smaller ``w2``. Prints markdown tables of mean ±
-std over seeds (percent): RSUM and t2i R@1 on the eval split, with the dense model's figures.
+Ties on val go to the smaller ``p``, then ``β``, then ``w2``. Prints a markdown table of mean ±
+std over seeds (percent): RSUM and t2i R@1 on the eval split, with the model's dense figures.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from sdray.metrics import ranking_metrics, relevance_from_pairs
 from sweep import mean_std
 
 W2 = tuple(np.logspace(-2, 2, 17).round(4).tolist())
-POWERS = (0.0, 0.25, 0.5, 1.0, 2.0)
+POWERS = (0.0, 0.5, 1.0)
+SLOPES = (0.0, 2.0, 5.0, 10.0, 20.0)
 
 
 def split_scores(heads, data: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
@@ -62,42 +67,51 @@ def direction_figures(scores: torch.Tensor, relevant: np.ndarray) -> tuple[float
     return m["R@1"] + m["R@5"] + m["R@10"], m["R@1"]
 
 
-def grid_figures(split: dict, tau: float, w2s, powers) -> dict[tuple, dict[str, float]]:
-    """``(normalize, p, w2)`` → ``{"rsum", "t2i_r1"}`` over both directions of one split."""
+def grid_figures(split: dict, tau: float, w2s, powers, slopes, normalizations) -> dict[tuple, dict[str, float]]:
+    """``(normalize, p, β, w2)`` → ``{"rsum", "t2i_r1"}`` over both directions of one split."""
     out = {}
-    for normalize in (None, "zscore"):
+    for normalize in normalizations:
         for p in powers:
-            for w2 in w2s:
-                f = FusionConfig("calibrated", 1.0, w2, tau, normalize, confidence_power=p)
-                figs = {d: direction_figures(f(c, s), r) for d, (c, s, r) in split.items()}
-                out[(normalize, p, w2)] = {"rsum": figs["t2i"][0] + figs["i2t"][0], "t2i_r1": figs["t2i"][1]}
+            for b in slopes:
+                for w2 in w2s:
+                    f = FusionConfig("calibrated", 1.0, w2, tau, normalize, confidence_power=p, cosine_slope=b)
+                    figs = {d: direction_figures(f(c, s), r) for d, (c, s, r) in split.items()}
+                    out[(normalize, p, b, w2)] = {"rsum": figs["t2i"][0] + figs["i2t"][0], "t2i_r1": figs["t2i"][1]}
     return out
 
 
-def choose(val: dict, normalize, metric: str, adaptive: bool) -> tuple:
-    keys = sorted((k for k in val if k[0] == normalize and (adaptive or k[1] == 0.0)), key=lambda k: (k[1], k[2]))
-    return max(keys, key=lambda k: val[k][metric])  # first max: the smaller p, then w2
+FAMILIES = {"fixed": lambda k: k[1] == 0 and k[2] == 0, "gap": lambda k: k[2] == 0,
+            "level": lambda k: k[1] == 0, "both": lambda k: True}
+CHOICES = (("fixed", "rsum"), ("gap", "rsum"), ("level", "rsum"), ("both", "rsum"),
+           ("fixed", "t2i_r1"), ("level", "t2i_r1"), ("both", "t2i_r1"))
 
 
-def measure(runs_path: str, row: dict, val_data: dict, test_data: dict, w2s, powers) -> dict:
+def choose(val: dict, normalize, metric: str, family: str) -> tuple:
+    keys = sorted(k for k in val if k[0] == normalize and FAMILIES[family](k))
+    return max(keys, key=lambda k: val[k][metric])  # first max: the smaller p, then β, then w2
+
+
+def measure(runs_path: str, row: dict, val_data: dict, test_data: dict, w2s, powers, slopes,
+            normalizations) -> dict:
     heads = heads_of(runs_path, row, config_lib.with_overrides(config_lib.SdrayConfig(), row.get("overrides", {})))
     tau = head_tau(heads)
     val_split, test_split = split_scores(heads, val_data), split_scores(heads, test_data)
-    val, test = grid_figures(val_split, tau, w2s, powers), grid_figures(test_split, tau, w2s, powers)
+    val = grid_figures(val_split, tau, w2s, powers, slopes, normalizations)
+    test = grid_figures(test_split, tau, w2s, powers, slopes, normalizations)
     dense = {d: direction_figures(c, r) for d, (c, _, r) in test_split.items()}
     out = {"name": row["name"], "seed": row["seed"], "tau": tau,
            "dense": {"rsum": dense["t2i"][0] + dense["i2t"][0], "t2i_r1": dense["t2i"][1]}}
-    for prefix, normalize in (("", None), ("z-", "zscore")):
-        for label, metric, adaptive in (("fixed", "rsum", False), ("adaptive", "rsum", True),
-                                        ("fixed@t2i", "t2i_r1", False), ("adaptive@t2i", "t2i_r1", True)):
-            k = choose(val, normalize, metric, adaptive)
-            out[prefix + label] = {**test[k], "p": k[1], "w2": k[2]}
+    for normalize in normalizations:
+        prefix = "z-" if normalize else ""
+        for family, metric in CHOICES:
+            k = choose(val, normalize, metric, family)
+            out[prefix + family + ("@t2i" if metric == "t2i_r1" else "")] = {**test[k], "p": k[1], "b": k[2], "w2": k[3]}
         best = max((k for k in test if k[0] == normalize), key=lambda k: test[k]["t2i_r1"])
-        out[prefix + "best-on-test (diag.)"] = {**test[best], "p": best[1], "w2": best[2]}
+        out[prefix + "best-on-test (diag.)"] = {**test[best], "p": best[1], "b": best[2], "w2": best[3]}
     return out
 
 
-LABELS = ("fixed", "adaptive", "fixed@t2i", "adaptive@t2i", "best-on-test (diag.)")
+LABELS = (*(f + ("@t2i" if m == "t2i_r1" else "") for f, m in CHOICES), "best-on-test (diag.)")
 
 
 def table(results: list[dict]) -> str:
@@ -105,8 +119,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         by.setdefault(r["name"], []).append(r)
     lines = ["Eval split, mean ± std over seeds (percent); every fusion chosen on val except the "
-             "diagnostic; p = confidence power (0: fixed weight):", "",
-             "| setting | seeds | fusion | RSUM | t2i R@1 | t2i R@1 − dense | chosen (p, w2) per seed |",
+             "diagnostic; p = confidence power, β = cosine slope (both 0: the fixed weight):", "",
+             "| setting | seeds | fusion | RSUM | t2i R@1 | t2i R@1 − dense | chosen (p, β, w2) per seed |",
              "|---|---|---|---|---|---|---|"]
     for name, rs in by.items():
         seeds = ",".join(str(r["seed"]) for r in rs)
@@ -115,8 +129,10 @@ def table(results: list[dict]) -> str:
         for prefix in ("", "z-"):
             for label in LABELS:
                 key = prefix + label
+                if key not in rs[0]:
+                    continue
                 delta = [r[key]["t2i_r1"] - r["dense"]["t2i_r1"] for r in rs]
-                chosen = " ".join(f"({r[key]['p']:g}, {r[key]['w2']:g})" for r in rs)
+                chosen = " ".join(f"({r[key]['p']:g}, {r[key]['b']:g}, {r[key]['w2']:g})" for r in rs)
                 lines.append(f"| {name} | {seeds} | {key} | {mean_std([r[key]['rsum'] for r in rs])} | "
                              f"{mean_std([r[key]['t2i_r1'] for r in rs])} | {mean_std(delta)} | {chosen} |")
     return "\n".join(lines)
@@ -130,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--w2", type=float, nargs="+", default=list(W2))
     p.add_argument("--powers", type=float, nargs="+", default=list(POWERS))
+    p.add_argument("--slopes", type=float, nargs="+", default=list(SLOPES))
+    p.add_argument("--normalize", nargs="+", choices=("none", "zscore"), default=["none"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true", help="also print every run's figures as JSON lines")
     args = p.parse_args(argv)
@@ -144,7 +162,8 @@ def main(argv=None) -> int:
         return 2
     results = []
     for row in rows:
-        results.append(measure(args.runs, row, val, test, args.w2, args.powers))
+        results.append(measure(args.runs, row, val, test, args.w2, args.powers, args.slopes,
+                               [None if n == "none" else n for n in args.normalize]))
         print(f"{row['name']} seed {row['seed']} done", file=sys.stderr, flush=True)
         if args.json:
             print(json.dumps(results[-1]), flush=True)

@@ -160,6 +160,12 @@ class FusionConfig(_Strict):
         0.0, ge=0.0, le=8.0, description="calibrated only: query-dependent sparse weight "
         "w2·(gap_sparse/gap_dense)^p, a gap being a side's top-1 minus top-2 score for the query "
         "(sdray/fusion.py); 0: the fixed weight w2 (docs/sweep.md, 'query-dependent fusion').")
+    cosine_slope: float = Field(
+        0.0, ge=0.0, le=100.0, description="calibrated only: the sparse weight is also multiplied "
+        "by exp(cosine_slope·(cosine_pivot − the query's best cosine)), so a query the dense side "
+        "matches poorly leans on the sparse side; 0: no such factor.")
+    cosine_pivot: float = Field(0.5, ge=-1.0, le=1.0, description="The best cosine at which "
+                                "cosine_slope leaves the weight at w2.")
 
 
 class SelectionConfig(_Strict):

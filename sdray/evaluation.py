@@ -127,9 +127,11 @@ def fusion_params(cfg, tau: float) -> dict[str, Any]:
         normalize = getattr(cfg.fusion, "normalize", None)
         if normalize:
             params["normalize"] = normalize
-        power = getattr(cfg.fusion, "confidence_power", 0.0)
-        if power:
-            params["confidence_power"] = float(power)
+        for key in ("confidence_power", "cosine_slope"):
+            if getattr(cfg.fusion, key, 0.0):
+                params[key] = float(getattr(cfg.fusion, key))
+        if params.get("cosine_slope"):
+            params["cosine_pivot"] = float(cfg.fusion.cosine_pivot)
     if cfg.fusion.method == "rrf":
         params["k_rrf"] = float(cfg.fusion.rrf_k)
     return params
@@ -225,7 +227,8 @@ def evaluate_and_calibrate(heads: RetrieverHeads, data: dict[str, Any], cfg) -> 
     tau = head_tau(heads)
     grid = {f"w2={w2:g}": {"method": "calibrated", "w1": 1.0, "w2": float(w2), "tau": tau,
                            **({"normalize": f.normalize} if f.normalize else {}),
-                           **({"confidence_power": f.confidence_power} if f.confidence_power else {})}
+                           **{k: v for k, v in fusion_params(cfg, tau).items()
+                              if k in ("confidence_power", "cosine_slope", "cosine_pivot")}}
             for w2 in f.w2_grid}
     result = evaluate_features(heads, data, cfg, grid)
     scores = {name: rsum(result, f"hybrid_{name}") for name in grid}

@@ -28,6 +28,12 @@ is clipped to ``[1/CONFIDENCE_CLIP, CONFIDENCE_CLIP]``; ``p = 0`` is the fixed-w
 gap needs only each side's two best items, so over an index (the union of each side's top-k'
 candidates) it is the corpus's gap for any depth ≥ 2 (z-scores aside).
 
+**Dense-level weight** (``"calibrated"`` only, ``cosine_slope = β > 0``): the query's sparse
+weight is also multiplied by ``exp(β·(cosine_pivot − max cos))``, ``max cos`` being the query's
+best cosine (the raw ``dense`` input) over the row's items: a query that the dense side matches
+poorly everywhere leans on the sparse side. ``cosine_pivot`` only sets which best-cosine keeps the
+weight at ``w2``. The best cosine is the corpus's for any candidate depth ≥ 1.
+
 The matrix function :func:`fuse` is the core; :func:`fuse_candidates` applies it to per-query
 candidate lists for index search.
 """
@@ -64,17 +70,25 @@ def top_gap(scores: torch.Tensor) -> torch.Tensor:
     return top[..., 0] - top[..., 1]
 
 
-def query_weights(dense: torch.Tensor, sparse: torch.Tensor, w2: float, power: float) -> torch.Tensor:
-    """Per-query sparse weights ``w2·clip(gap(sparse)/gap(dense))^power``, shape ``(n_q, 1)``.
+def query_weights(dense: torch.Tensor, sparse: torch.Tensor, w2: float, power: float,
+                  cosine: torch.Tensor | None = None, slope: float = 0.0, pivot: float = 0.5) -> torch.Tensor:
+    """Per-query sparse weights, shape ``(n_q, 1)``:
+    ``w2·clip(gap(sparse)/gap(dense))^power·exp(slope·(pivot − max_j cosine[q, j]))``.
 
-    ``dense``, ``sparse (n_q, n)`` are the scores as fused (``cos/τ`` or z-scores). Two zero gaps
-    (ties on both sides) give ratio 1; one zero gap gives the clip bound.
+    ``dense``, ``sparse (n_q, n)`` are the scores as fused (``cos/τ`` or z-scores) and ``cosine
+    (n_q, n)`` the raw cosines (needed when ``slope > 0``). Two zero gaps (ties on both sides)
+    give ratio 1; one zero gap gives the clip bound.
     """
-    gd, gs = top_gap(dense), top_gap(sparse)
-    both_tied = (gd <= 0) & (gs <= 0)
-    ratio = torch.where(both_tied, 1.0, gs.clamp_min(0) / gd.clamp_min(0))
-    ratio = ratio.nan_to_num(nan=1.0, posinf=CONFIDENCE_CLIP).clamp(1 / CONFIDENCE_CLIP, CONFIDENCE_CLIP)
-    return (w2 * ratio.pow(power)).unsqueeze(-1)
+    w = torch.full(dense.shape[:-1], float(w2), dtype=dense.dtype)
+    if power:
+        gd, gs = top_gap(dense), top_gap(sparse)
+        both_tied = (gd <= 0) & (gs <= 0)
+        ratio = torch.where(both_tied, 1.0, gs.clamp_min(0) / gd.clamp_min(0))
+        ratio = ratio.nan_to_num(nan=1.0, posinf=CONFIDENCE_CLIP).clamp(1 / CONFIDENCE_CLIP, CONFIDENCE_CLIP)
+        w = w * ratio.pow(power)
+    if slope:
+        w = w * torch.exp(slope * (pivot - cosine.amax(-1)))
+    return w.unsqueeze(-1)
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +111,8 @@ class FusionConfig:
         k_rrf: RRF constant (Cormack et al. 2009).
         confidence_power: ``p ≥ 0`` of the query-dependent sparse weight (``"calibrated"``
             only; 0: the fixed weight ``w2``). Makes the fusion per-query, like z-scores.
+        cosine_slope, cosine_pivot: ``β ≥ 0`` and ``c0`` of the dense-level factor
+            ``exp(β·(c0 − max cos))`` of the sparse weight (``"calibrated"`` only; β = 0: none).
     """
 
     method: str = "calibrated"
@@ -106,6 +122,8 @@ class FusionConfig:
     normalize: str | None = None
     k_rrf: float = 60.0
     confidence_power: float = 0.0
+    cosine_slope: float = 0.0
+    cosine_pivot: float = 0.5
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -114,9 +132,10 @@ class FusionConfig:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.normalize is not None and self.method != "calibrated":
             raise ValueError("normalize applies to method='calibrated' only")
-        if self.confidence_power and self.method != "calibrated":
-            raise ValueError("confidence_power applies to method='calibrated' only")
-        if self.w1 < 0 or self.w2 < 0 or self.tau <= 0 or self.k_rrf < 0 or self.confidence_power < 0:
+        if (self.confidence_power or self.cosine_slope) and self.method != "calibrated":
+            raise ValueError("confidence_power and cosine_slope apply to method='calibrated' only")
+        if (self.w1 < 0 or self.w2 < 0 or self.tau <= 0 or self.k_rrf < 0 or self.confidence_power < 0
+                or self.cosine_slope < 0):
             raise ValueError(f"need w1, w2 >= 0, tau > 0, k_rrf >= 0; got {self}")
 
     def __call__(self, dense: Any, sparse: Any) -> torch.Tensor:
@@ -125,14 +144,17 @@ class FusionConfig:
             return self.w1 * d + self.w2 * s
         if self.method == "rrf":
             return sum(1.0 / (self.k_rrf + competition_ranks(x).double()) for x in (d, s))
+        cosine = d
         d, s = (_zscore(d), _zscore(s)) if self.normalize == "zscore" else (d / self.tau, s)
-        w2 = query_weights(d, s, self.w2, self.confidence_power) if self.confidence_power else self.w2
+        w2 = (query_weights(d, s, self.w2, self.confidence_power, cosine, self.cosine_slope, self.cosine_pivot)
+              if self.confidence_power or self.cosine_slope else self.w2)
         return self.w1 * d + w2 * s
 
     @property
     def per_query(self) -> bool:
         """True when a query's fused scores depend on its other items (ranks, z-scores, gaps)."""
-        return self.method == "rrf" or self.normalize is not None or self.confidence_power > 0
+        return (self.method == "rrf" or self.normalize is not None or self.confidence_power > 0
+                or self.cosine_slope > 0)
 
 
 def _as_pair(dense: Any, sparse: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +170,7 @@ def fuse(dense: Any, sparse: Any, method: str = "calibrated", **params: Any) -> 
     """Fuse score matrices ``dense (n_q, n_items)`` and ``sparse (n_q, n_items)``.
 
     ``params`` are :class:`FusionConfig` fields (``w1``, ``w2``, ``tau``, ``normalize``, ``k_rrf``,
-    ``confidence_power``).
+    ``confidence_power``, ``cosine_slope``, ``cosine_pivot``).
     Returns a float tensor ``(n_q, n_items)``, higher = better. ``"raw"``/``"calibrated"`` keep the
     promoted floating dtype of the inputs (integers → float64); ``"rrf"`` is float64.
     RRF ranks and z-scores are computed over the items given, i.e. per row of the matrix.

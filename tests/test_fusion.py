@@ -206,3 +206,28 @@ def test_confidence_power_is_per_query_and_validated():
     for (ids, fused), row in zip(cands, core):
         np.testing.assert_allclose(fused, row[ids], rtol=1e-12)
         np.testing.assert_array_equal(ids, np.argsort(-row, kind="stable"))
+
+
+def test_cosine_slope_closed_form_limit_and_a_case_no_fixed_weight_can_rank():
+    d, s = random_scores(14)
+    got = fuse(d, s, "calibrated", w2=0.3, tau=0.05, cosine_slope=4.0, cosine_pivot=0.2).numpy()
+    np.testing.assert_allclose(got, d / 0.05 + 0.3 * np.exp(4.0 * (0.2 - d.max(1, keepdims=True))) * s, rtol=1e-12)
+    both = fuse(d, s, "calibrated", w2=0.3, tau=0.05, confidence_power=1.0, cosine_slope=4.0).numpy()
+    dn = d / 0.05
+    np.testing.assert_allclose(
+        both, dn + loop_query_weights(dn, s, 0.3, 1.0) * np.exp(4.0 * (0.5 - d.max(1, keepdims=True))) * s, rtol=1e-12)
+    flat = np.tile(d[:1], (len(d), 1))  # every query has the same best cosine: one weight for all
+    np.testing.assert_allclose(fuse(flat, s, "calibrated", w2=0.3, tau=0.05, cosine_slope=4.0).numpy(),
+                               fuse(flat, s, "calibrated", w2=0.3 * np.exp(4.0 * (0.5 - d[0].max())), tau=0.05).numpy(),
+                               rtol=1e-12)
+    # A: dense matches well (best cos 0.9) and is right, sparse wrong (50 vs 49): needs w2 < 0.18;
+    # B: dense matches poorly (best cos 0.2) and is wrong, sparse right (gap 5): needs w2 > 0.4
+    cos = np.array([[0.9, 0.0, 0.0], [0.0, 0.2, 0.0]])
+    sparse = np.array([[0.0, 50.0, 49.0], [0.0, 0.0, 5.0]])
+    relevant = np.array([[True, False, False], [False, False, True]])
+    r1 = lambda f: ranking_metrics(f, relevant)["R@1"]  # noqa: E731
+    assert max(r1(fuse(cos, sparse, "calibrated", w2=w, tau=0.1)) for w in np.logspace(-4, 4, 161)) == 0.5
+    assert r1(fuse(cos, sparse, "calibrated", w2=0.3, tau=0.1, cosine_slope=10.0)) == 1.0
+    with pytest.raises(ValueError):
+        FusionConfig(method="rrf", cosine_slope=1.0)
+    assert FusionConfig(cosine_slope=1.0).per_query
