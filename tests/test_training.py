@@ -466,7 +466,7 @@ def test_validation_judges_uncapped_vectors_and_the_kept_model_serves_capped_one
     train, val = _feature_data(64, 0), _feature_data(32, 1)
     cfg = from_dict({"loss": {"method": "joint"}, "heads": {"topk_text": 3, "topk_image": 3},
                      "optim": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "method_lr": {}},
-                     "selection": {"max_nnz": 5.0}, "fusion": {"w2_grid": [1.0]}})
+                     "selection": {"max_nnz": 5.0, "vectors": "uncapped"}, "fusion": {"w2_grid": [1.0]}})
     heads, history = fit_in_process(cfg, build_heads(cfg, _StubBackbone()), train, val)
     sparsity = history[0]["val"]["sparsity"]
     assert sparsity["text_nnz"] > 5 and sparsity["image_nnz"] > 5  # uncapped, over the budget
