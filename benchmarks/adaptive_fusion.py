@@ -56,7 +56,7 @@ def split_scores(heads, data: dict) -> dict[str, tuple[torch.Tensor, torch.Tenso
     relevant = relevance_from_pairs(pairs, len(image_rows), len(text_rows))  # (n_images, n_texts)
     dense = (img_dense @ txt_dense.T).double()
     sparse = sparse_scores(img_sparse, txt_sparse).double()
-    rel = np.asarray(relevant.todense() if hasattr(relevant, "todense") else relevant, dtype=bool)
+    rel = np.asarray(relevant, dtype=bool)
     out = {"i2t": (dense, sparse, rel), "t2i": (dense.T.contiguous(), sparse.T.contiguous(), rel.T.copy())}
     return {d: (c[r.any(1)], s[r.any(1)], r[r.any(1)]) for d, (c, s, r) in out.items()}
 
