@@ -312,7 +312,7 @@ def train_loop(config: dict) -> None:
             if val_cache is None:
                 val_cache = collect_val()
             trainer.heads.eval()
-            with trainer.heads.uncapped():  # the budget judges the model, not heads.topk_*
+            with trainer.heads.judged(cfg.selection.vectors):  # selection.vectors: model or served
                 result, model_cfg = evaluate_and_calibrate(trainer.heads, val_cache, cfg)
             trainer.heads.train()
             improved = selector.update(epoch + 1, result)

@@ -67,8 +67,8 @@ class HeadConfig(_Strict):
     tau_max: float = Field(0.5, gt=0.0, le=1.0)
     topk_text: int | None = Field(
         256, ge=1, description="A served caption vector keeps at most this many terms (eval, index, "
-        "export, serve); training's validation sees uncapped vectors, so selection.max_nnz still "
-        "judges the model's own sparsity. None: no cap.")
+        "export, serve); training's validation sees uncapped vectors unless selection.vectors is "
+        "'served', so selection.max_nnz judges the model's own sparsity. None: no cap.")
     topk_image: int | None = Field(256, ge=1, description="The same cap per image vector.")
 
     @model_validator(mode="after")
@@ -161,6 +161,16 @@ class FusionConfig(_Strict):
     w2_grid: list[PositiveFloat] = Field(default_factory=lambda: [0.1, 0.2, 0.5, 1.0, 2.0],
                                  description="Sparse weights tried by fusion.calibrate.")
     rrf_k: float = Field(60.0, gt=0.0)
+    confidence_power: float = Field(
+        0.0, ge=0.0, le=8.0, description="calibrated only: query-dependent sparse weight "
+        "w2·(gap_sparse/gap_dense)^p, a gap being a side's top-1 minus top-2 score for the query "
+        "(sdray/fusion.py); 0: the fixed weight w2 (docs/sweep.md, 'query-dependent fusion').")
+    cosine_slope: float = Field(
+        0.0, ge=0.0, le=100.0, description="calibrated only: the sparse weight is also multiplied "
+        "by exp(cosine_slope·(cosine_pivot − the query's best cosine)), so a query the dense side "
+        "matches poorly leans on the sparse side; 0: no such factor.")
+    cosine_pivot: float = Field(0.5, ge=-1.0, le=1.0, description="The best cosine at which "
+                                "cosine_slope leaves the weight at w2.")
 
 
 class SelectionConfig(_Strict):
@@ -169,6 +179,10 @@ class SelectionConfig(_Strict):
     metric: str = Field("rsum_sparse", description="rsum_dense | rsum_sparse | rsum_hybrid | t2i.sparse.R@1 ...")
     max_nnz: float | None = Field(256.0, gt=0.0, description="Budget on mean nnz per text and image.")
     patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
+    vectors: Literal["uncapped", "served"] = Field(
+        "uncapped", description="What validation judges: 'uncapped' — the model's own sparse vectors "
+        "(heads.topk_* off), so max_nnz bounds the model's sparsity; 'served' — the vectors eval, "
+        "index and serve see (capped at heads.topk_*), for recall and nnz alike (docs/sweep.md).")
 
 
 class StorageConfig(_Strict):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sdray.devices import to_host, to_module_device
-from sdray.fusion import fuse
+from sdray.fusion import FusionConfig, fuse
 from sdray.heads import RetrieverHeads, prune_topk
 from sdray.metrics import flops, mean_nnz, ranking_metrics, relevance_from_pairs, retrieval_metrics
 
@@ -127,6 +127,11 @@ def fusion_params(cfg, tau: float) -> dict[str, Any]:
         normalize = getattr(cfg.fusion, "normalize", None)
         if normalize:
             params["normalize"] = normalize
+        for key in ("confidence_power", "cosine_slope"):
+            if getattr(cfg.fusion, key, 0.0):
+                params[key] = float(getattr(cfg.fusion, key))
+        if params.get("cosine_slope"):
+            params["cosine_pivot"] = float(cfg.fusion.cosine_pivot)
     if cfg.fusion.method == "rrf":
         params["k_rrf"] = float(cfg.fusion.rrf_k)
     return params
@@ -143,7 +148,7 @@ def fused_metrics(dense: torch.Tensor, sparse: torch.Tensor, relevant: Any,
     params = dict(fusion)
     method = params.pop("method")
     i2t = fuse(dense, sparse, method, **params)
-    per_query = method == "rrf" or params.get("normalize") is not None
+    per_query = FusionConfig(method=method, **params).per_query
     t2i = fuse(dense.T, sparse.T, method, **params) if per_query else i2t.T  # per-document: same scores
     return {"t2i": ranking_metrics(t2i, relevant.T), "i2t": ranking_metrics(i2t, relevant)}
 
@@ -221,7 +226,10 @@ def evaluate_and_calibrate(heads: RetrieverHeads, data: dict[str, Any], cfg) -> 
         return evaluate_features(heads, data, cfg), cfg
     tau = head_tau(heads)
     grid = {f"w2={w2:g}": {"method": "calibrated", "w1": 1.0, "w2": float(w2), "tau": tau,
-                           **({"normalize": f.normalize} if f.normalize else {})} for w2 in f.w2_grid}
+                           **({"normalize": f.normalize} if f.normalize else {}),
+                           **{k: v for k, v in fusion_params(cfg, tau).items()
+                              if k in ("confidence_power", "cosine_slope", "cosine_pivot")}}
+            for w2 in f.w2_grid}
     result = evaluate_features(heads, data, cfg, grid)
     scores = {name: rsum(result, f"hybrid_{name}") for name in grid}
     best = max(sorted(grid, key=lambda n: grid[n]["w2"]), key=lambda n: scores[n])

@@ -18,6 +18,22 @@ Methods (strings used by configs):
   items in the row with a strictly greater score (tied items share the best rank). Weights are
   not used by RRF.
 
+**Query-dependent weight** (``"calibrated"`` only, ``confidence_power = p > 0``): each query row
+gets its own sparse weight ``w2·(gap_sparse / gap_dense)^p``, where a side's *gap* is its top-1
+score minus its top-2 score over the row's items, in the scale that is fused (``sparse`` and
+``cos/τ`` — both the logits the model was trained with, so a gap is the side's log-odds of its
+first item over its second — or the z-scores with ``normalize="zscore"``). The side that is
+surer of its first item gets more say for that query; no relevance label is needed. The ratio
+is clipped to ``[1/CONFIDENCE_CLIP, CONFIDENCE_CLIP]``; ``p = 0`` is the fixed-weight fusion. A
+gap needs only each side's two best items, so over an index (the union of each side's top-k'
+candidates) it is the corpus's gap for any depth ≥ 2 (z-scores aside).
+
+**Dense-level weight** (``"calibrated"`` only, ``cosine_slope = β > 0``): the query's sparse
+weight is also multiplied by ``exp(β·(cosine_pivot − max cos))``, ``max cos`` being the query's
+best cosine (the raw ``dense`` input) over the row's items: a query that the dense side matches
+poorly everywhere leans on the sparse side. ``cosine_pivot`` only sets which best-cosine keeps the
+weight at ``w2``. The best cosine is the corpus's for any candidate depth ≥ 1.
+
 The matrix function :func:`fuse` is the core; :func:`fuse_candidates` applies it to per-query
 candidate lists for index search.
 """
@@ -33,6 +49,7 @@ import torch
 
 METHODS = ("raw", "calibrated", "rrf")
 NORMALIZATIONS = (None, "zscore")
+CONFIDENCE_CLIP = 1e4
 
 
 def competition_ranks(scores: torch.Tensor) -> torch.Tensor:
@@ -43,6 +60,35 @@ def competition_ranks(scores: torch.Tensor) -> torch.Tensor:
     ascending = scores.sort(dim=-1).values.contiguous()
     not_greater = torch.searchsorted(ascending, scores.contiguous(), right=True)
     return scores.shape[-1] - not_greater + 1
+
+
+def top_gap(scores: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 score per row: ``scores (n_q, n)`` → ``(n_q,)``; 0 when ``n < 2``."""
+    if scores.shape[-1] < 2:
+        return torch.zeros(scores.shape[:-1], dtype=scores.dtype)
+    top = scores.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def query_weights(dense: torch.Tensor, sparse: torch.Tensor, w2: float, power: float,
+                  cosine: torch.Tensor | None = None, slope: float = 0.0, pivot: float = 0.5) -> torch.Tensor:
+    """Per-query sparse weights, shape ``(n_q, 1)``:
+    ``w2·clip(gap(sparse)/gap(dense))^power·exp(slope·(pivot − max_j cosine[q, j]))``.
+
+    ``dense``, ``sparse (n_q, n)`` are the scores as fused (``cos/τ`` or z-scores) and ``cosine
+    (n_q, n)`` the raw cosines (needed when ``slope > 0``). Two zero gaps (ties on both sides)
+    give ratio 1; one zero gap gives the clip bound.
+    """
+    w = torch.full(dense.shape[:-1], float(w2), dtype=dense.dtype)
+    if power:
+        gd, gs = top_gap(dense), top_gap(sparse)
+        both_tied = (gd <= 0) & (gs <= 0)
+        ratio = torch.where(both_tied, 1.0, gs.clamp_min(0) / gd.clamp_min(0))
+        ratio = ratio.nan_to_num(nan=1.0, posinf=CONFIDENCE_CLIP).clamp(1 / CONFIDENCE_CLIP, CONFIDENCE_CLIP)
+        w = w * ratio.pow(power)
+    if slope:
+        w = w * torch.exp(slope * (pivot - cosine.amax(-1)))
+    return w.unsqueeze(-1)
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +109,10 @@ class FusionConfig:
         tau: dense temperature for ``"calibrated"`` (use the trained τ).
         normalize: ``None`` or ``"zscore"`` (``"calibrated"`` only).
         k_rrf: RRF constant (Cormack et al. 2009).
+        confidence_power: ``p ≥ 0`` of the query-dependent sparse weight (``"calibrated"``
+            only; 0: the fixed weight ``w2``). Makes the fusion per-query, like z-scores.
+        cosine_slope, cosine_pivot: ``β ≥ 0`` and ``c0`` of the dense-level factor
+            ``exp(β·(c0 − max cos))`` of the sparse weight (``"calibrated"`` only; β = 0: none).
     """
 
     method: str = "calibrated"
@@ -71,6 +121,9 @@ class FusionConfig:
     tau: float = 0.07
     normalize: str | None = None
     k_rrf: float = 60.0
+    confidence_power: float = 0.0
+    cosine_slope: float = 0.0
+    cosine_pivot: float = 0.5
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -79,7 +132,10 @@ class FusionConfig:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.normalize is not None and self.method != "calibrated":
             raise ValueError("normalize applies to method='calibrated' only")
-        if self.w1 < 0 or self.w2 < 0 or self.tau <= 0 or self.k_rrf < 0:
+        if (self.confidence_power or self.cosine_slope) and self.method != "calibrated":
+            raise ValueError("confidence_power and cosine_slope apply to method='calibrated' only")
+        if (self.w1 < 0 or self.w2 < 0 or self.tau <= 0 or self.k_rrf < 0 or self.confidence_power < 0
+                or self.cosine_slope < 0):
             raise ValueError(f"need w1, w2 >= 0, tau > 0, k_rrf >= 0; got {self}")
 
     def __call__(self, dense: Any, sparse: Any) -> torch.Tensor:
@@ -88,9 +144,17 @@ class FusionConfig:
             return self.w1 * d + self.w2 * s
         if self.method == "rrf":
             return sum(1.0 / (self.k_rrf + competition_ranks(x).double()) for x in (d, s))
-        if self.normalize == "zscore":
-            return self.w1 * _zscore(d) + self.w2 * _zscore(s)
-        return self.w1 * d / self.tau + self.w2 * s
+        cosine = d
+        d, s = (_zscore(d), _zscore(s)) if self.normalize == "zscore" else (d / self.tau, s)
+        w2 = (query_weights(d, s, self.w2, self.confidence_power, cosine, self.cosine_slope, self.cosine_pivot)
+              if self.confidence_power or self.cosine_slope else self.w2)
+        return self.w1 * d + w2 * s
+
+    @property
+    def per_query(self) -> bool:
+        """True when a query's fused scores depend on its other items (ranks, z-scores, gaps)."""
+        return (self.method == "rrf" or self.normalize is not None or self.confidence_power > 0
+                or self.cosine_slope > 0)
 
 
 def _as_pair(dense: Any, sparse: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +169,8 @@ def _as_pair(dense: Any, sparse: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def fuse(dense: Any, sparse: Any, method: str = "calibrated", **params: Any) -> torch.Tensor:
     """Fuse score matrices ``dense (n_q, n_items)`` and ``sparse (n_q, n_items)``.
 
-    ``params`` are :class:`FusionConfig` fields (``w1``, ``w2``, ``tau``, ``normalize``, ``k_rrf``).
+    ``params`` are :class:`FusionConfig` fields (``w1``, ``w2``, ``tau``, ``normalize``, ``k_rrf``,
+    ``confidence_power``, ``cosine_slope``, ``cosine_pivot``).
     Returns a float tensor ``(n_q, n_items)``, higher = better. ``"raw"``/``"calibrated"`` keep the
     promoted floating dtype of the inputs (integers → float64); ``"rrf"`` is float64.
     RRF ranks and z-scores are computed over the items given, i.e. per row of the matrix.
@@ -134,7 +199,7 @@ def fuse_candidates(
     the dense and the sparse index top-k') and ``dense[i]``, ``sparse[i]`` hold *both* exact scores
     of every candidate, shape ``(m_i,)`` — a candidate found by one index only must have its other
     score computed exactly by the caller (cosine / sparse dot product), never filled with 0.
-    RRF ranks and z-scores are computed within the candidate set; a candidate's rank there equals
+    RRF ranks, z-scores and the confidence gaps are computed within the candidate set; a candidate's rank there equals
     its corpus rank whenever all higher-scoring items are candidates (true for the top-k' of each
     index), and is at most its corpus rank otherwise.
 

@@ -121,6 +121,18 @@ class RetrieverHeads(nn.Module):
         self.tau.clamp_(*self.tau_range)
 
     @contextmanager
+    def judged(self, vectors: str = "uncapped") -> Iterator["RetrieverHeads"]:
+        """The heads as training's validation judges them (``selection.vectors``): ``"uncapped"``
+        (:meth:`uncapped`) or ``"served"`` (the caps stay, as eval, index and serve apply them)."""
+        if vectors == "served":
+            yield self
+        elif vectors == "uncapped":
+            with self.uncapped():
+                yield self
+        else:
+            raise ValueError(f"vectors must be 'uncapped' or 'served', got {vectors!r}")
+
+    @contextmanager
     def uncapped(self) -> Iterator["RetrieverHeads"]:
         """Encode without the top-k caps while inside: training's validation judges the model's
         own sparsity, which a cap at the budget would hide (every epoch would look within it)."""

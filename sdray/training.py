@@ -736,7 +736,7 @@ def fit_in_process(cfg: SdrayConfig, heads: RetrieverHeads, train: dict[str, Any
                "tau": float(trainer.heads.tau.detach()), "seconds": time.time() - t0}
         if val is not None:
             trainer.heads.eval()
-            with trainer.heads.uncapped():  # res["fusion"]: the chosen one
+            with trainer.heads.judged(cfg.selection.vectors):  # res["fusion"]: the chosen one
                 res, _ = evaluate_and_calibrate(trainer.heads, val, cfg)
             trainer.heads.train()
             row["val"] = res

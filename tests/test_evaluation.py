@@ -78,7 +78,8 @@ def test_evaluate_features_shape_and_values():
 
 
 @pytest.mark.parametrize("fusion", [{"method": "calibrated", "w1": 1.0, "w2": 0.5, "tau": 0.1, "normalize": "zscore"},
-                                    {"method": "rrf", "k_rrf": 2.0}])
+                                    {"method": "rrf", "k_rrf": 2.0},
+                                    {"method": "calibrated", "w1": 1.0, "w2": 0.5, "tau": 0.1, "confidence_power": 1.0}])
 def test_per_query_fusion_normalises_over_each_querys_candidates(fusion):
     """Text→image z-scores/RRF ranks are taken over the images for one caption (as an index
     search does), not over the captions for one image."""
@@ -94,6 +95,10 @@ def test_per_query_fusion_normalises_over_each_querys_candidates(fusion):
         if fusion["method"] == "rrf":
             rank = lambda x: 1 + (x[None, :] > x[:, None]).sum(1)
             return 1 / (fusion["k_rrf"] + rank(d)) + 1 / (fusion["k_rrf"] + rank(s))
+        if "confidence_power" in fusion:  # the weight from this query's top-1/top-2 gaps
+            gap = lambda x: np.subtract(*np.sort(x)[::-1][:2])  # noqa: E731
+            d = d / fusion["tau"]
+            return fusion["w1"] * d + fusion["w2"] * (gap(s) / gap(d)) ** fusion["confidence_power"] * s
         z = lambda x: (x - x.mean()) / x.std()
         return fusion["w1"] * z(d) + fusion["w2"] * z(s)
 

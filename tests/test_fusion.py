@@ -141,3 +141,93 @@ def test_raw_ranks_like_sparse_alone_but_calibrated_does_not():
     r1 = lambda x: ranking_metrics(x, relevant)["R@1"]
     assert r1(raw) == r1(sparse) < 0.2
     assert r1(calibrated) == r1(dense) == 1.0
+
+
+def loop_query_weights(dense, sparse, w2, p, clip=1e4):
+    out = []
+    for d, s in zip(dense.tolist(), sparse.tolist()):
+        gd, gs = np.subtract(*sorted(d, reverse=True)[:2]), np.subtract(*sorted(s, reverse=True)[:2])
+        ratio = 1.0 if gd <= 0 and gs <= 0 else (clip if gd <= 0 else gs / gd)
+        out.append(w2 * min(max(ratio, 1 / clip), clip) ** p)
+    return np.array(out)[:, None]
+
+
+@pytest.mark.parametrize("normalize", [None, "zscore"])
+def test_confidence_weight_closed_form_and_shapes(normalize):
+    d, s = random_scores(11)
+    d[1, :2] = 0.7  # a tied dense top-2: gap 0, the ratio hits the clip
+    d[2, :2], s[2, :2] = 0.95, 500.0  # both sides tied: ratio 1
+    got = fuse(d, s, "calibrated", w1=0.5, w2=0.3, tau=0.05, normalize=normalize, confidence_power=1.5).numpy()
+    if normalize:
+        z = lambda x: (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)  # noqa: E731
+        dn, sn = z(d), z(s)
+    else:
+        dn, sn = d / 0.05, s
+    np.testing.assert_allclose(got, 0.5 * dn + loop_query_weights(dn, sn, 0.3, 1.5) * sn, rtol=1e-9)
+    assert got.shape == d.shape and np.isfinite(got).all()
+    one_item = fuse(d[:, :1], s[:, :1], "calibrated", tau=0.05, confidence_power=1.0)
+    np.testing.assert_allclose(one_item.numpy(), d[:, :1] / 0.05 + s[:, :1])  # no gap: ratio 1
+
+
+def test_confidence_power_zero_is_the_fixed_fusion_and_small_powers_approach_it():
+    d, s = random_scores(12, n_q=40)
+    fixed = fuse(d, s, "calibrated", w2=0.2, tau=0.05)
+    np.testing.assert_array_equal(fuse(d, s, "calibrated", w2=0.2, tau=0.05, confidence_power=0.0).numpy(),
+                                  fixed.numpy())
+    tiny = fuse(d, s, "calibrated", w2=0.2, tau=0.05, confidence_power=1e-9)
+    np.testing.assert_array_equal(np.argsort(-tiny.numpy(), 1), np.argsort(-fixed.numpy(), 1))
+    s_equal_gaps = d / 0.05 * 7.0  # every query's sparse gap is 7× its dense gap: one weight for all
+    adaptive = fuse(d, s_equal_gaps, "calibrated", w2=0.2, tau=0.05, confidence_power=2.0)
+    np.testing.assert_allclose(adaptive.numpy(),
+                               fuse(d, s_equal_gaps, "calibrated", w2=0.2 * 49.0, tau=0.05).numpy(), rtol=1e-12)
+
+
+def test_confidence_weight_ranks_a_case_no_fixed_weight_can():
+    """Query A: dense sure and right (gap 10), sparse unsure and wrong (scores 50 vs 49). Query
+    B: dense unsure and wrong (gap 2), sparse sure and right (gap 5). A needs w2 < 0.2, B needs
+    w2 > 0.4: no fixed weight ranks both right, the gap-ratio weight (w2 = 0.3, p = 1) does."""
+    dense = np.array([[10.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # already cos/τ (tau = 1)
+    sparse = np.array([[0.0, 50.0, 49.0], [0.0, 0.0, 5.0]])
+    relevant = np.array([[True, False, False], [False, False, True]])
+    r1 = lambda f: ranking_metrics(f, relevant)["R@1"]  # noqa: E731
+    assert max(r1(fuse(dense, sparse, "calibrated", w2=w, tau=1.0)) for w in np.logspace(-4, 4, 161)) == 0.5
+    assert r1(fuse(dense, sparse, "calibrated", w2=0.3, tau=1.0, confidence_power=1.0)) == 1.0
+
+
+def test_confidence_power_is_per_query_and_validated():
+    assert FusionConfig(confidence_power=1.0).per_query and not FusionConfig().per_query
+    assert FusionConfig(normalize="zscore").per_query and FusionConfig(method="rrf").per_query
+    for bad in ({"method": "raw", "confidence_power": 1.0}, {"confidence_power": -1.0}):
+        with pytest.raises(ValueError):
+            FusionConfig(**bad)
+    d, s = random_scores(13, n_q=3, n=12)
+    cands = fuse_candidates([np.arange(12)] * 3, list(d), list(s), w2=0.5, tau=0.05, confidence_power=1.0)
+    core = fuse(d, s, "calibrated", w2=0.5, tau=0.05, confidence_power=1.0).numpy()
+    for (ids, fused), row in zip(cands, core):
+        np.testing.assert_allclose(fused, row[ids], rtol=1e-12)
+        np.testing.assert_array_equal(ids, np.argsort(-row, kind="stable"))
+
+
+def test_cosine_slope_closed_form_limit_and_a_case_no_fixed_weight_can_rank():
+    d, s = random_scores(14)
+    got = fuse(d, s, "calibrated", w2=0.3, tau=0.05, cosine_slope=4.0, cosine_pivot=0.2).numpy()
+    np.testing.assert_allclose(got, d / 0.05 + 0.3 * np.exp(4.0 * (0.2 - d.max(1, keepdims=True))) * s, rtol=1e-12)
+    both = fuse(d, s, "calibrated", w2=0.3, tau=0.05, confidence_power=1.0, cosine_slope=4.0).numpy()
+    dn = d / 0.05
+    np.testing.assert_allclose(
+        both, dn + loop_query_weights(dn, s, 0.3, 1.0) * np.exp(4.0 * (0.5 - d.max(1, keepdims=True))) * s, rtol=1e-12)
+    flat = np.tile(d[:1], (len(d), 1))  # every query has the same best cosine: one weight for all
+    np.testing.assert_allclose(fuse(flat, s, "calibrated", w2=0.3, tau=0.05, cosine_slope=4.0).numpy(),
+                               fuse(flat, s, "calibrated", w2=0.3 * np.exp(4.0 * (0.5 - d[0].max())), tau=0.05).numpy(),
+                               rtol=1e-12)
+    # A: dense matches well (best cos 0.9) and is right, sparse wrong (50 vs 49): needs w2 < 0.18;
+    # B: dense matches poorly (best cos 0.2) and is wrong, sparse right (gap 5): needs w2 > 0.4
+    cos = np.array([[0.9, 0.0, 0.0], [0.0, 0.2, 0.0]])
+    sparse = np.array([[0.0, 50.0, 49.0], [0.0, 0.0, 5.0]])
+    relevant = np.array([[True, False, False], [False, False, True]])
+    r1 = lambda f: ranking_metrics(f, relevant)["R@1"]  # noqa: E731
+    assert max(r1(fuse(cos, sparse, "calibrated", w2=w, tau=0.1)) for w in np.logspace(-4, 4, 161)) == 0.5
+    assert r1(fuse(cos, sparse, "calibrated", w2=0.3, tau=0.1, cosine_slope=10.0)) == 1.0
+    with pytest.raises(ValueError):
+        FusionConfig(method="rrf", cosine_slope=1.0)
+    assert FusionConfig(cosine_slope=1.0).per_query

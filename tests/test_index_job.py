@@ -177,7 +177,9 @@ def test_index_job_both_sides_shards_resume_and_eval(setup, capsys):
     # per-query fusions (z-scores, RRF ranks) equal brute force once the candidates cover each side
     tau = float(model.heads.tau.detach())
     per_query = {"zscore": {"method": "calibrated", "w1": 1.0, "w2": 0.3, "tau": tau, "normalize": "zscore"},
-                 "rrf": {"method": "rrf", "k_rrf": 60.0}}
+                 "rrf": {"method": "rrf", "k_rrf": 60.0},
+                 "confidence": {"method": "calibrated", "w1": 1.0, "w2": 0.3, "tau": tau, "confidence_power": 1.0,
+                                "cosine_slope": 5.0, "cosine_pivot": 0.2}}
     brute = evaluate_features(model.heads, data, model.config, extra_fusions=per_query)
     r = Retriever.load(one)
     for name, fusion in per_query.items():

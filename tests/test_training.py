@@ -469,7 +469,7 @@ def test_validation_judges_uncapped_vectors_and_the_kept_model_serves_capped_one
     train, val = _feature_data(64, 0), _feature_data(32, 1)
     cfg = from_dict({"loss": {"method": "joint"}, "heads": {"topk_text": 3, "topk_image": 3},
                      "optim": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "method_lr": {}},
-                     "selection": {"max_nnz": 5.0}, "fusion": {"w2_grid": [1.0]}})
+                     "selection": {"max_nnz": 5.0, "vectors": "uncapped"}, "fusion": {"w2_grid": [1.0]}})
     heads, history = fit_in_process(cfg, build_heads(cfg, _StubBackbone()), train, val)
     sparsity = history[0]["val"]["sparsity"]
     assert sparsity["text_nnz"] > 5 and sparsity["image_nnz"] > 5  # uncapped, over the budget
@@ -477,3 +477,24 @@ def test_validation_judges_uncapped_vectors_and_the_kept_model_serves_capped_one
     served = heads.encode_text(torch.as_tensor(val["text_features"][:8], dtype=torch.float32)).sparse
     assert int((served != 0).sum(1).max()) <= 3
     assert heads.topk_text == heads.topk_image == 3  # the caps are back after validation
+
+
+def test_selection_can_judge_the_served_vectors():
+    """selection.vectors = 'served': validation sees the capped vectors that eval/index/serve see,
+    for recall and nnz alike, so a cap within the budget keeps an epoch the uncapped judge rejects."""
+    from sdray.model import build_heads
+    from sdray.training import fit_in_process
+
+    train, val = _feature_data(64, 0), _feature_data(32, 1)
+    base = {"loss": {"method": "joint"}, "heads": {"topk_text": 3, "topk_image": 3},
+            "optim": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "method_lr": {}},
+            "selection": {"max_nnz": 5.0}, "fusion": {"w2_grid": [1.0]}}
+    runs = {}
+    for vectors in ("uncapped", "served"):
+        cfg = from_dict({**base, "selection": {"max_nnz": 5.0, "vectors": vectors}})
+        runs[vectors] = fit_in_process(cfg, build_heads(cfg, _StubBackbone()), train, val)[1][0]
+    assert runs["uncapped"]["val"]["sparsity"]["text_nnz"] > 5 and not runs["uncapped"]["selected"]
+    assert runs["served"]["val"]["sparsity"]["text_nnz"] <= 3 and runs["served"]["val"]["sparsity"]["image_nnz"] <= 3
+    assert runs["served"]["selected"]
+    with pytest.raises(Exception):
+        from_dict({"selection": {"vectors": "capped"}})

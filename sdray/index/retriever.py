@@ -263,7 +263,7 @@ class Retriever:
         per_s = self._map(lambda s: s.search_sparse(sq, kc), shards)
         d_lists = self._merge(per_d, b, kc, lambda si, r, ids: shards[si].score_dense(dq[r], ids), shards)
         s_lists = self._merge(per_s, b, kc, lambda si, r, ids: shards[si].score_sparse(sq.take([r]), ids), shards)
-        params = {key: fusion[key] for key in ("w1", "w2", "tau", "normalize", "k_rrf") if key in fusion}
+        params = {key: fusion[key] for key in ("w1", "w2", "tau", "normalize", "k_rrf", "confidence_power", "cosine_slope", "cosine_pivot") if key in fusion}
         out = []
         for r in range(b):
             dense_known = {loc: sc for loc, sc in d_lists[r]}
