@@ -143,7 +143,8 @@ class DataConfig(_Strict):
         256 << 20, ge=0, description="Training on features: a train split whose Parquet files total "
         "at most this many bytes is read by each worker itself (pyarrow, no Ray Data pipeline to "
         "start: on the demo's d2s run, 39 → 23 s to the first validation) and every epoch "
-        "replays the worker's seeded share from memory. Each worker reads the whole split. 0: always stream through Ray Data.")
+        "replays the worker's seeded share from memory. Each worker reads the whole split. "
+        "0: always stream through Ray Data.")
 
 
 class FusionConfig(_Strict):
