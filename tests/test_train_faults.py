@@ -79,7 +79,9 @@ def test_train_checkpoint_upload_survives_faults(ray_session, s3_server, tmp_pat
     root = storage.join(out, "run")[len("s3://"):]
     steps = sorted(p for p in fs.ls(root, refresh=True) if p.rsplit("/", 1)[-1].startswith("step_"))
     assert steps and steps[-1].endswith(f"step_{ROWS // BATCH:07d}"), steps
-    for step in steps:                      # the kept checkpoints (num_to_keep=2) are whole
+    # the kept checkpoints (num_to_keep=2, the latest two) are whole; an older one whose deletion
+    # by Ray Train met the faults may leave part of its files behind (never read on resume)
+    for step in steps[-2:]:
         for name in (HEADS_FILE, OPTIM_FILE, STATE_FILE, "config.yaml", "model.json"):
             assert fs.exists(f"{step}/{name}"), (step, name)
         _tensors(fs, f"{step}/heads.safetensors")
