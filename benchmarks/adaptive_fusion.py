@@ -36,7 +36,7 @@ import sys
 import numpy as np
 import torch
 
-from hybrid_levers import heads_of, load_runs  # benchmarks/ is the script's folder
+from hybrid_levers import by_setting, heads_of, load_runs  # benchmarks/ is the script's folder
 from sdray import config as config_lib
 from sdray.evaluation import dedupe, encode, head_tau, sparse_scores
 from sdray.fusion import FusionConfig
@@ -115,9 +115,7 @@ LABELS = (*(f + ("@t2i" if m == "t2i_r1" else "") for f, m in CHOICES), "best-on
 
 
 def table(results: list[dict]) -> str:
-    by: dict[str, list[dict]] = {}
-    for r in results:
-        by.setdefault(r["name"], []).append(r)
+    by = by_setting(results)
     lines = ["Eval split, mean ± std over seeds (percent); every fusion chosen on val except the "
              "diagnostic; p = confidence power, β = cosine slope (both 0: the fixed weight):", "",
              "| setting | seeds | fusion | RSUM | t2i R@1 | t2i R@1 − dense | chosen (p, β, w2) per seed |",

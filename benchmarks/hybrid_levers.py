@@ -47,6 +47,14 @@ def load_runs(path: str, names: list[str]) -> list[dict]:
     return [rows[k] for k in sorted(rows, key=lambda k: (names.index(k[0]), k[2]))]
 
 
+def by_setting(results: list[dict]) -> dict[str, list[dict]]:
+    """Per-seed results grouped by setting name, in the order first seen."""
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["name"], []).append(r)
+    return by
+
+
 def heads_of(runs_path: str, row: dict, cfg):
     from safetensors.torch import load_file
 
@@ -127,9 +135,7 @@ def measure(runs_path: str, row: dict, data: dict, depths: list[int], topks: lis
 
 
 def tables(results: list[dict]) -> str:
-    by: dict[str, list[dict]] = {}
-    for r in results:
-        by.setdefault(r["name"], []).append(r)
+    by = by_setting(results)
     lines = ["Candidate depth k' (dense and sparse candidates per query, through a one-shard index) "
              "vs brute force:", "",
              "| setting | seeds | k' | hybrid RSUM | hybrid t2i R@1 | z-score RSUM | z-score t2i R@1 |",
