@@ -45,6 +45,12 @@ RUN_NAME = "run"
 # ============================================================================ worker side
 
 
+def _tag(cfg) -> str:
+    """The prefix of this job's progress lines; it names the method, so two trainings that run
+    side by side (as in ``sdray demo``) can be told apart."""
+    return f"[sdray train {cfg.loss.method}]"
+
+
 def _to_numpy_rows(batch: dict, key: str) -> np.ndarray:
     x = batch[key]
     if isinstance(x, np.ndarray) and x.dtype != object:
@@ -193,7 +199,7 @@ def train_loop(config: dict) -> None:
         if not loop.get("finished"):
             loop.setdefault("resumed_from", []).append(trainer.step)
         if rank == 0:
-            print(f"[sdray train] resumed from step {trainer.step} (epoch {loop['epoch'] + 1}, "
+            print(f"{_tag(cfg)} resumed from step {trainer.step} (epoch {loop['epoch'] + 1}, "
                   f"batch {loop['batches_done']})", flush=True)
     else:
         broadcast_parameters(trainer.heads)
@@ -241,7 +247,7 @@ def train_loop(config: dict) -> None:
             with open(config["fail_marker"], "w") as f:
                 f.write(str(time.time()))
             time.sleep(4.0)  # let the controller register the checkpoint first
-            print(f"[sdray train] injected failure on rank {rank} at step {trainer.step}", flush=True)
+            print(f"{_tag(cfg)} injected failure on rank {rank} at step {trainer.step}", flush=True)
             os._exit(1)
 
     def collect_val() -> dict:
@@ -296,14 +302,14 @@ def train_loop(config: dict) -> None:
                 logs_acc = []
                 nnz = (f" nnz t/i {row['nnz_text']:.0f}/{row['nnz_image']:.0f}"
                        if "nnz_text" in row else "")
-                print(f"[sdray train] epoch {epoch + 1}/{epochs} step {trainer.step}/"
+                print(f"{_tag(cfg)} epoch {epoch + 1}/{epochs} step {trainer.step}/"
                       f"{config['total_steps']} loss {row['loss']:.4f} tau {row['temperature']:.4f}"
                       f"{nnz} lr {logs['lr']:.2e} {rate:.0f} pairs/s, ETA {eta.eta()}", flush=True)
             if every and trainer.step % every == 0 and done + skip < steps_per_epoch:
                 report({"epoch": epoch + 1, "step": trainer.step, "loss": logs["loss"]},
                        epoch, done + skip)
         if cache.enabled and not cache.ready and cache.seal(steps_per_epoch) and rank == 0:
-            print(f"[sdray train] later epochs replay the {cache.num_rows} rows of this one from "
+            print(f"{_tag(cfg)} later epochs replay the {cache.num_rows} rows of this one from "
                   f"memory ({cache.nbytes / 2**20:.0f} MiB, data.epoch_cache_max_bytes)", flush=True)
         # ---- validation (rank 0) and the stop decision
         stop = torch.zeros(1, device=device)  # NCCL broadcasts need device tensors
@@ -331,11 +337,11 @@ def train_loop(config: dict) -> None:
                     storage.upload_dir(tmp, storage.join(out, "best"))
             mark = "  <- kept" if improved else ("" if selector.history[-1]["within_budget"]
                                                    else "  (over the nnz budget)")
-            print(f"[sdray train] validation after epoch {epoch + 1}: {selector.metric} "
+            print(f"{_tag(cfg)} validation after epoch {epoch + 1}: {selector.metric} "
                   f"{selector.history[-1]['value']:.4f}{mark}\n{format_table(result)}", flush=True)
             if selector.should_stop:
                 stop[0] = 1
-                print(f"[sdray train] early stop: no improvement for {selector.patience} epochs", flush=True)
+                print(f"{_tag(cfg)} early stop: no improvement for {selector.patience} epochs", flush=True)
         if world > 1 and dist.is_initialized():
             dist.broadcast(stop, src=0)
         stopped = bool(stop[0].item())
@@ -348,7 +354,7 @@ def train_loop(config: dict) -> None:
     if start_epoch >= epochs:
         # a finished run started again: report its state once more (result.metrics needs it)
         if rank == 0:
-            print("[sdray train] nothing left to train: the run had finished", flush=True)
+            print(f"{_tag(cfg)} nothing left to train: the run had finished", flush=True)
         report({"epoch": epochs, "step": trainer.step}, epochs, 0, finished=True)
 
 
@@ -467,7 +473,7 @@ def initial_heads(cfg, init_uri: str | None):
         init = RetrievalModel.load(init_uri)
         copied = init_from_model(heads, init.heads.state_dict())
     elif cfg.loss.method == "d2s":
-        print("[sdray train] warning: d2s without --init distils from the backbone's untrained "
+        print(f"{_tag(cfg)} warning: d2s without --init distils from the backbone's untrained "
               "final layers; pass --init DENSE_MODEL", file=sys.stderr)
     tok = load_preprocessor(cfg.backbone).tokenizer
     special = sorted(set(int(i) for i in getattr(tok, "all_special_ids", []) if i is not None))
@@ -524,7 +530,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "featurize the val split too")
     for uri, kind in ((args.train, mode), (args.val, val_mode)):
         if kind == "features" and not check_feature_uri(uri, cfg.backbone, "the training config"):
-            print(f"[sdray train] warning: {uri} has no featurize manifest; its backbone and "
+            print(f"{_tag(cfg)} warning: {uri} has no featurize manifest; its backbone and "
                   "preprocessing cannot be checked", file=sys.stderr)
     ensure_ray(num_cpus=args.num_cpus or local_ray_cpus(workers, args.cpus_per_worker))
     check_cpus_left_for_data(workers, args.cpus_per_worker)
@@ -556,7 +562,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": int(args.cpus_per_worker) if args.cpus_per_worker >= 1 and not args.use_gpu else None,
     }
     # A pending heads_ref inside a list keeps Ray from resolving it before the workers start.
-    print(f"[sdray train] method {cfg.loss.method}, {mode} mode, {n_rows} pairs, {workers} worker(s) "
+    print(f"{_tag(cfg)} method {cfg.loss.method}, {mode} mode, {n_rows} pairs, {workers} worker(s) "
           f"x batch {per_worker}, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs"
           + (", each worker reads the split itself (data.direct_read_max_bytes)" if direct else "")
           + (f", init {args.init} ({len(copied)} tensors)" if args.init else ""), flush=True)
@@ -631,7 +637,7 @@ def finalize(out: str, cfg, checkpoint, seconds: float) -> dict[str, Any]:
         "dist": loop.get("dist"),
     }
     if kept_from == "last" and budget is not None and vals:
-        print(f"[sdray train] warning: no epoch met the nnz budget {budget}; kept the last "
+        print(f"{_tag(cfg)} warning: no epoch met the nnz budget {budget}; kept the last "
               "checkpoint", file=sys.stderr)
     storage.write_json(storage.join(out, "summary.json"), summary)
     write_model_card(out, summary)
@@ -642,7 +648,7 @@ def main(args: argparse.Namespace) -> int:
     from sdray.evaluation import format_table
 
     summary = run(args)
-    print(f"[sdray train] done in {summary['seconds']:.0f}s; model at {summary['model']} "
+    print(f"{_tag(cfg)} done in {summary['seconds']:.0f}s; model at {summary['model']} "
           f"(kept {summary['kept_from']}, epoch {summary['selection']['best_epoch']}, "
           f"{summary['selection']['metric']} within nnz {summary['selection']['max_nnz']})")
     if summary.get("val"):

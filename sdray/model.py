@@ -42,6 +42,7 @@ from sdray.config import SdrayConfig
 from sdray.devices import module_device, to_module_device
 from sdray.heads import Encoded, RetrieverHeads
 from sdray.progress import Progress
+from sdray.rng import seeded
 
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -100,13 +101,13 @@ def _batches(items: Sequence[Any], batch_size: int) -> Iterable[Sequence[Any]]:
 def build_heads(cfg: SdrayConfig, backbone: Backbone) -> RetrieverHeads:
     """Fresh heads: the backbone's own final layers and its word embeddings (DESIGN.md §1).
 
-    The fresh sparse head is drawn from ``cfg.optim.seed`` alone (a forked RNG: the global one is
-    neither read nor advanced); the packaged backbone's fresh projections come from the seed it
-    was loaded with (``load_backbone(..., seed=cfg.optim.seed)``).
+    The fresh sparse head is drawn from ``cfg.optim.seed`` alone (:func:`sdray.rng.seeded`: the
+    global RNG is neither read nor advanced, and threads building heads at once do not mix); the
+    packaged backbone's fresh projections come from the seed it was loaded with
+    (``load_backbone(..., seed=cfg.optim.seed)``).
     """
     text_proj, vision_proj = backbone.initial_projections()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.optim.seed)
+    with seeded(cfg.optim.seed):
         return RetrieverHeads(
             text_proj,
             vision_proj,

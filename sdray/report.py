@@ -77,18 +77,34 @@ def comparison_table(methods: dict[str, dict], direction: str = "t2i", markdown:
     return "\n".join(lines)
 
 
-def timings_table(timings: dict[str, float], reused: Iterable[str] = (), markdown: bool = False) -> str:
-    """Stage, seconds, share of the total, and whether the stage was reused from an earlier run."""
+def timings_table(timings: dict[str, float], reused: Iterable[str] = (), markdown: bool = False,
+                  together: Iterable[Iterable[str]] = ()) -> str:
+    """Stage, seconds, share of the total, and whether the stage was reused from an earlier run.
+
+    ``together``: groups of stages that ran side by side; the total counts a group once, at its
+    longest stage, and each member's row says so.
+    """
     reused = set(reused)
-    total = sum(v for v in timings.values() if isinstance(v, (int, float)))
+    beside = {name: [o for o in group if o != name] for group in map(list, together) for name in group}
+    total = _wall_total(timings, together)
     share = lambda v: f"{100.0 * v / total:.0f}%" if total > 0 else "-"
-    rows = [(k, f"{v:.1f}", share(v), "reused" if k in reused else "") for k, v in timings.items()]
+    note = lambda k: "reused" if k in reused else (
+        "side by side with " + ", ".join(beside[k]) if k in beside else "")
+    rows = [(k, f"{v:.1f}", share(v), note(k)) for k, v in timings.items()]
     rows.append(("total", f"{total:.1f}", "100%" if total > 0 else "-", ""))
     if markdown:
         return "\n".join(["| stage | seconds | share | |", "|---|---:|---:|---|"]
                          + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows])
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{a.ljust(w)}  {b.rjust(8)}  {c.rjust(5)}  {d}".rstrip() for a, b, c, d in rows)
+
+
+def _wall_total(timings: dict[str, float], together: Iterable[Iterable[str]]) -> float:
+    """Sum of the stage times, each side-by-side group counted once at its longest stage."""
+    groups = [[k for k in group if k in timings] for group in together]
+    grouped = {k for g in groups for k in g}
+    return (sum(v for k, v in timings.items() if k not in grouped)
+            + sum(max(timings[k] for k in g) for g in groups if g))
 
 
 # ----------------------------------------------------------------------------- plots
@@ -202,8 +218,10 @@ def _query_md(q: dict) -> list[str]:
 def write_report(out_dir: str, methods: dict[str, dict], histories: dict[str, list[dict]],
                  timings: dict[str, float], *, reused: Iterable[str] = (),
                  queries: list[dict] | None = None, notes: dict[str, Any] | None = None,
-                 extra_plots: dict[str, list[str]] | None = None) -> str:
-    """Write ``out_dir/report.md`` and ``out_dir/plots/*.png``; returns the report's path."""
+                 extra_plots: dict[str, list[str]] | None = None,
+                 together: Iterable[Iterable[str]] = ()) -> str:
+    """Write ``out_dir/report.md`` and ``out_dir/plots/*.png``; returns the report's path.
+    ``together``: groups of stages that ran side by side (see ``timings_table``)."""
     os.makedirs(out_dir, exist_ok=True)
     plots = os.path.join(out_dir, "plots")
     p_recall = plot_recall(methods, os.path.join(plots, "recall_per_method.png"))
@@ -240,7 +258,7 @@ def write_report(out_dir: str, methods: dict[str, dict], histories: dict[str, li
                   "hit, with their weight in each; their products sum to the sparse score.", ""]
         for q in queries:
             lines += _query_md(q)
-    lines += ["## Stage timings (seconds)", "", timings_table(timings, reused, markdown=True), ""]
+    lines += ["## Stage timings (seconds)", "", timings_table(timings, reused, markdown=True, together=together), ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

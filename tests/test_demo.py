@@ -57,6 +57,46 @@ def test_stages_reuse_and_invalidate(tmp_path):
     assert demo.Stages(str(tmp_path), fresh=True).state == {"stages": {}}
 
 
+def test_independent_stages_run_side_by_side_on_shares_of_the_cpus(tmp_path):
+    import threading
+
+    barrier = threading.Barrier(2, timeout=10)   # each stage waits for the other: only side by side passes
+    got = {}
+
+    def make(name, wait=True):
+        def fn(cpus):
+            got[name] = cpus
+            if wait:
+                barrier.wait()
+            os.makedirs(tmp_path / name, exist_ok=True)
+            return {"name": name}
+        return fn
+
+    stages = [(n, "fp", [str(tmp_path / n)], make(n)) for n in ("b", "c")]
+    st = demo.Stages(str(tmp_path))
+    st.n_total = 2
+    assert st.run_together(stages, cpus=4) == [{"name": "b"}, {"name": "c"}]
+    assert got == {"b": 2, "c": 2} and st.ran == ["b", "c"] and st.together == [["b", "c"]]
+
+    # one reused, the other redone alone on every CPU (no barrier partner: it must not wait)
+    shutil.rmtree(tmp_path / "c")
+    got.clear()
+    st2 = demo.Stages(str(tmp_path))
+    st2.n_total = 2
+    stages2 = [stages[0], ("c", "fp", [str(tmp_path / "c")], make("c", wait=False))]
+    assert st2.run_together(stages2, cpus=4) == [{"name": "b"}, {"name": "c"}]
+    assert got == {"c": 4} and st2.reused == ["b"] and st2.ran == ["c"] and st2.together == []
+
+
+def test_timings_table_counts_side_by_side_stages_once():
+    from sdray.report import timings_table
+
+    table = timings_table({"a": 10.0, "b": 30.0, "c": 20.0}, together=[["b", "c"]])
+    assert table.splitlines()[-1].split()[:2] == ["total", "40.0"]
+    assert "side by side with c" in table and "side by side with b" in table
+    assert timings_table({"a": 10.0, "b": 30.0}).splitlines()[-1].split()[1] == "40.0"
+
+
 def test_demo_flags_and_sizes():
     import argparse
 
@@ -145,6 +185,7 @@ def test_demo_end_to_end_small(tmp_path):
     for stage in (*STAGES, "serve"):
         assert out["timings"][stage] >= 0, stage
     assert out["ran"] == [*STAGES, "serve"] and out["reused"] == []
+    assert out["together"] == [["train_d2s", "train_joint"]]
 
     # the table on stdout, the report and its plots
     assert "method" in stdout and "hybrid" in stdout and "MRR@10" in stdout

@@ -23,6 +23,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from sdray.backbones.base import Backbone, Preprocessor
 from sdray.config import BackboneConfig
+from sdray.rng import seeded
 
 IMAGE_MODEL = "efficientnet-lite0"
 
@@ -42,8 +43,7 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 
 
 def _seeded_linear(n_in: int, n_out: int, seed: int) -> nn.Linear:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return nn.Linear(n_in, n_out)
 
 

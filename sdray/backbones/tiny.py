@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import transformers as tf
 
+from sdray.rng import seeded
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ("a an the of on in with and is are red green blue yellow black white small big two three "
          "cat dog bird horse car bus boat tree house man woman child ball sits runs flies stands "
@@ -79,8 +81,7 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
     """Write a tiny random ``kind`` checkpoint (clip | blip | siglip) into ``folder``; return it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         _model(kind).save_pretrained(folder)
     tokenizer = tf.BertTokenizer(vocab={t: i for i, t in enumerate(VOCAB)}, do_lower_case=True)
     tokenizer.save_pretrained(folder)
