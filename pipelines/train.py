@@ -533,7 +533,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{_tag(cfg)} warning: {uri} has no featurize manifest; its backbone and "
                   "preprocessing cannot be checked", file=sys.stderr)
     ensure_ray(num_cpus=args.num_cpus or local_ray_cpus(workers, args.cpus_per_worker))
-    check_cpus_left_for_data(workers, args.cpus_per_worker)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -547,6 +546,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     datasets = {} if direct else {"train": _dataset(args.train, mode, cfg, cfg.optim.seed)}
     if val_mode == "raw":  # feature files are read by rank 0 itself (collect_val)
         datasets["val"] = _dataset(args.val, val_mode, cfg, 0)
+    if datasets:  # Ray Data reads beside the workers; direct reads need no CPU of their own
+        check_cpus_left_for_data(workers, args.cpus_per_worker)
     marker = args.failure_marker or os.path.join(tempfile.gettempdir(), f"sdray-fail-{os.getpid()}")
     loop_config = {
         "config_yaml": config_lib.dumps(cfg), "heads_ref": [ray.put(heads_state(heads))],

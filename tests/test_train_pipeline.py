@@ -211,9 +211,11 @@ def test_two_runs_of_one_config_give_identical_metrics(ray_session, tiny_data, t
 
 def test_workers_holding_every_cpu_fail_fast_instead_of_hanging(ray_session, tiny_data, tmp_path, capsys):
     """With every CPU held by training workers, Ray Data's read tasks never start: the job must
-    refuse with a config error (exit 3) before it starts a trainer, not hang."""
+    refuse with a config error (exit 3) before it starts a trainer, not hang. (A split small
+    enough for the workers' direct reads needs no Ray Data, so streaming is forced here.)"""
     total = int(ray_session.cluster_resources()["CPU"])
-    rc = cli(_common(tiny_data, str(tmp_path / "m"), "dense", 1, cpus_per_worker=total))
+    rc = cli(_common(tiny_data, str(tmp_path / "m"), "dense", 1, cpus_per_worker=total,
+                     set="data.direct_read_max_bytes=0"))
     assert rc == 3
     assert "no CPU is left for Ray Data" in capsys.readouterr().err
 
