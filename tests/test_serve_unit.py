@@ -644,3 +644,62 @@ def test_searcher_replica_loads_before_it_is_healthy_and_swap_waits_for_every_re
     holders[0][1].append("v2")
     assert all_hold(holders, 2, "v2")
     assert not all_hold(holders, 3, "v2")  # group 2 has no live replica
+
+
+def _board_here(monkeypatch):
+    """A :class:`VersionBoard` in this process behind the handle calls a searcher makes."""
+    import ray
+
+    import serve.searchers as searchers
+
+    board = searchers.VersionBoard.__ray_metadata__.modified_class()
+    handle = types.SimpleNamespace(**{name: types.SimpleNamespace(remote=getattr(board, name))
+                                      for name in ("report", "served", "leave")})
+    monkeypatch.setattr(searchers, "get_board", lambda app_name, root: handle)
+    monkeypatch.setattr(ray, "get", lambda value: value)
+    return board
+
+
+def _publish_copy(root, version: str, new: str) -> None:
+    import shutil
+
+    from sdray.index import manifest as mf
+
+    shutil.copytree(f"{root}/{version}", f"{root}/{new}")
+    mf.publish(str(root), new, mf.load_manifest(str(root), version))
+
+
+def test_a_replica_loading_a_new_version_stays_live_so_the_swap_waits_for_it(random_index, tmp_path, monkeypatch):
+    import shutil
+    import threading
+
+    from serve.searchers import ShardSearcher, all_hold
+    from serve.shard_group import wait_for
+
+    out, version, _ = random_index
+    root = tmp_path / "index"
+    shutil.copytree(out, root)
+    board = _board_here(monkeypatch)
+    replica = ShardSearcher.func_or_class(str(root), 0, 1, 0.1)   # heartbeat and poll every 0.1 s
+    started, release = threading.Event(), threading.Event()
+    real_load = replica.group.load
+
+    def slow_load(v):
+        if v == "v-new":
+            started.set()
+            release.wait(30)
+        return real_load(v)
+
+    replica.group.load = slow_load
+    try:
+        _publish_copy(root, version, "v-new")
+        assert started.wait(10)                                   # the replica is loading v-new
+        beats = board._held[(0, replica.replica)][1]
+        assert wait_for(lambda: board._held[(0, replica.replica)][1] > beats, 10)   # ...and reports
+        holders = board.holders(fresh_s=5.0)
+        assert holders == {0: [[version]]} and not all_hold(holders, 1, "v-new")  # live, not holding
+        release.set()
+        assert wait_for(lambda: all_hold(board.holders(fresh_s=5.0), 1, "v-new"), 10)
+    finally:
+        release.set()
+        replica._stop.set()
