@@ -290,7 +290,7 @@ class Ingress:
 
     async def _retire_old(self) -> None:
         """Drop the in-ingress shards of older versions once no request pinned to one can run."""
-        await asyncio.sleep(self.cfg.request_timeout_s)
+        await asyncio.sleep(self.cfg.retire_after_s)
         await asyncio.to_thread(self.groups[0].retire)
 
     async def _poll(self) -> None:

@@ -703,3 +703,37 @@ def test_a_replica_loading_a_new_version_stays_live_so_the_swap_waits_for_it(ran
     finally:
         release.set()
         replica._stop.set()
+
+
+def test_a_replaced_version_stays_loaded_past_the_deadline_of_requests_pinned_to_it(random_index, tmp_path,
+                                                                                     monkeypatch):
+    import shutil
+    import time
+
+    import serve.app as serve_app
+    from ray.serve._private.build_app import build_app as serve_build
+    from serve.searchers import ShardSearcher
+
+    out, version, _ = random_index
+    cfg = ServeConfig(index="/x", request_timeout_s=30, poll_interval_s=5, swap_grace_s=3,
+                      shards_in_ingress=False)
+    assert cfg.retire_after_s == 30 + 2 * 5 + 3
+    monkeypatch.setattr(serve_app, "model_uri", lambda c: "/m")
+    monkeypatch.setattr(serve_app, "n_groups", lambda c: 1)
+    monkeypatch.setattr(serve_app, "shard_memory", lambda c, groups: [1000])
+    built = {d.name: d for d in serve_build(serve_app.build_app(cfg), name="t").deployments}
+    assert cfg.retire_after_s in built["ShardSearcher0"].init_args      # the searchers get it
+
+    root = tmp_path / "index"
+    shutil.copytree(out, root)
+    replica = ShardSearcher.func_or_class(str(root), 0, 1, 0, retire_after_s=cfg.retire_after_s)
+    _publish_copy(root, version, "v-new")
+    replica.group.load("v-new")
+    replica._served_since = ("v-new", time.monotonic() - 31)   # a 30 s request on the old one may still run
+    replica._retire("v-new")
+    assert replica.group.versions() == [version, "v-new"]
+    replica._served_since = ("v-new", time.monotonic() - cfg.retire_after_s - 1)
+    replica._retire("v-new")
+    assert replica.group.versions() == ["v-new"]
+    default = ShardSearcher.func_or_class(str(root), 0, 1, 0)     # the config's default, derived
+    assert default.grace_s == ServeConfig(index="/x", poll_interval_s=0).retire_after_s >= 30
