@@ -250,6 +250,23 @@ class Ingress:
                     await self._switch(version)
         return self.snapshot
 
+    async def _snapshot(self, deadline: float) -> Snapshot:
+        """The served snapshot within the request's deadline (504 past it; the load goes on for
+        later requests); 503 when it cannot be loaded (storage fault, encoder down or full)."""
+        if self.snapshot is not None:
+            return self.snapshot
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._ensure_started()),
+                                          max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.telemetry.reject("deadline")
+            raise DeadlineExceeded("loading the index") from None
+        except Exception as err:  # noqa: BLE001 - the cause goes to the log, not to the client
+            self.telemetry.reject("overload" if _is_backpressure(err) else "not_ready")
+            log.warning("loading the served index version failed: %s", type(err).__name__, exc_info=True)
+            raise Unavailable("the index or the query encoder is not ready; retry shortly",
+                              self.cfg.ingress.retry_after_s) from None
+
     async def _switch(self, version: str) -> None:
         from sdray import storage
         from sdray.index import manifest as mf
@@ -442,7 +459,7 @@ class Ingress:
 
     async def _search(self, q: Query, deadline: float) -> dict:
         t0 = time.perf_counter()
-        snap = await self._ensure_started()
+        snap = await self._snapshot(deadline)
         enc = await self._encode(snap, q, deadline)
         t_enc = time.perf_counter()
         self.metrics.batch.labels("text" if q.text is not None else "image").observe(enc["batch_size"])
@@ -594,17 +611,18 @@ class Ingress:
     async def image(self, doc_id: str, request: Request, size: int = 256, exp: str | None = None,
                     sig: str | None = None):
         async def run():
+            deadline = time.monotonic() + self.cfg.request_timeout_s
             if self.url_secret is not None and not check_image_signature(self.url_secret, doc_id, size, exp, sig):
                 self._authorise(request)
             if not 16 <= size <= 1024:
                 raise ApiError(422, "size: must be between 16 and 1024")
             if len(doc_id) > 512:
                 raise ApiError(422, "image id too long")
-            snap = await self._ensure_started()
+            snap = await self._snapshot(deadline)
             key = f"{snap.version}/{doc_id}/{size}"
             data = self._thumbs.get(key)
             if data is None:
-                data = await self._thumbnail(snap, doc_id, size)
+                data = await self._thumbnail(snap, doc_id, size, deadline)
                 if isinstance(data, Response):      # a redirect to the source url
                     return data
                 self._thumbs[key] = data
@@ -614,17 +632,30 @@ class Ingress:
 
         return await self._guarded("/v1/images", request, run)
 
-    async def _thumbnail(self, snap: Snapshot, doc_id: str, size: int) -> bytes | Response:
+    async def _find(self, snap: Snapshot, doc_id: str, deadline: float) -> dict | None:
+        """Metadata of the document ``doc_id`` (an image first, else a caption) from the group that
+        holds it; None when no group does. 503 when a group that failed may hold it."""
+        for side in ("images", "captions"):
+            found = await self._fan_out([self._call(g.find, snap.version, side, doc_id) for g in self.groups],
+                                        deadline, "find")
+            meta = next((m for m in found if isinstance(m, dict)), None)
+            if meta is not None:
+                return meta
+            failed = [g for g, m in enumerate(found) if isinstance(m, BaseException)]
+            if failed:
+                for g in failed:
+                    log.warning("shard group %d failed during find: %s", g, type(found[g]).__name__)
+                self.telemetry.reject("shard_failure")
+                raise Unavailable(f"{len(failed)} of {len(found)} shard groups failed looking up the image; "
+                                  "retry shortly", self.cfg.shards.retry_after_s)
+        return None
+
+    async def _thumbnail(self, snap: Snapshot, doc_id: str, size: int, deadline: float) -> bytes | Response:
         """JPEG bytes, or a 307 to the document's source url when its stored bytes cannot be read
         within ``image_read_max_bytes``."""
         from serve.images import ReadTooLarge, read_image_bytes, thumbnail
 
-        meta = None
-        for side in ("images", "captions"):
-            found = await asyncio.gather(*(self._call(g.find, snap.version, side, doc_id) for g in self.groups))
-            meta = next((m for m in found if m), None)
-            if meta is not None:
-                break
+        meta = await self._find(snap, doc_id, deadline)
         if meta is None or not meta.get("uri"):
             raise ApiError(404, f"no image with id {doc_id[:80]!r} in index version {snap.version}")
         try:
@@ -651,7 +682,7 @@ class Ingress:
     async def info(self, request: Request):
         async def run():
             self._authorise(request)
-            snap = await self._ensure_started()
+            snap = await self._snapshot(time.monotonic() + self.cfg.request_timeout_s)
             m = snap.manifest
             return JSONResponse({
                 "index_version": snap.version, "model": snap.model_uri,

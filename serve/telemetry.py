@@ -9,10 +9,11 @@ name                                        kind         tags
 ==========================================  ===========  ===========================================
 ``sdray_http_requests``                     counter      route, status
 ``sdray_http_latency_ms``                   histogram    route
-``sdray_stage_latency_ms``                  histogram    stage (parse, encode, search, explain, fuse)
+``sdray_stage_latency_ms``                  histogram    stage (parse, encode, search, explain, fuse,
+                                                         find)
 ``sdray_encoder_batch_size``                histogram    kind (text, image)
 ``sdray_rejected_requests``                 counter      reason (overload, rate_limit, deadline,
-                                                         shard_failure)
+                                                         shard_failure, encoder_failure, not_ready)
 ==========================================  ===========  ===========================================
 
 The ingress also keeps the same request counters and latency in a replica-local Prometheus
