@@ -119,6 +119,18 @@ def test_multipart_upload():
     assert error_of(b"--nope", "multipart/form-data").status == 400
 
 
+def test_a_multipart_parser_failure_is_a_fixed_400(monkeypatch):
+    import email.parser
+
+    def broken(self, data, headersonly=False):
+        raise ValueError("parser internals at 0x7f00")
+
+    monkeypatch.setattr(email.parser.BytesParser, "parsebytes", broken)
+    err = error_of(*multipart({"k": "3"}, {"image": ("x.png", png())}))
+    assert err.status == 400 and "multipart" in err.message and "0x7f00" not in err.message
+
+
+
 # ---------------------------------------------------------------------------- config
 
 def test_deployment_knobs_map_to_serve_options():
