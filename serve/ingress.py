@@ -37,7 +37,7 @@ from serve.config import ServeConfig
 from serve.request import ApiError, Query, describe_validation_error, parse_request
 from serve.schemas import ErrorBody, Health, SearchRequest, SearchResponse
 from serve.shard_group import Fusion, current_version, merge, resolve_root
-from serve.telemetry import LocalMetrics, Telemetry, request_id
+from serve.telemetry import LocalMetrics, Telemetry, background_task, request_context, request_id
 
 log = logging.getLogger("sdray.serve")
 STATIC = Path(__file__).parent / "static"
@@ -240,7 +240,7 @@ class Ingress:
     # ---- version management ---------------------------------------------------------------
     async def _ensure_started(self) -> Snapshot:
         if self._task is None and not self.pinned and self.cfg.poll_interval_s > 0:
-            self._task = asyncio.get_running_loop().create_task(self._poll())
+            self._task = background_task(self._poll())
         if self.snapshot is None:
             async with self._lock:
                 if self.snapshot is None:
@@ -328,7 +328,7 @@ class Ingress:
                         await self._switch(newest)
                     self.swap_pending = None
                     if self.local_shards:
-                        self._retiring = asyncio.get_running_loop().create_task(self._retire_old())
+                        self._retiring = background_task(self._retire_old())
             except Exception:  # noqa: BLE001 - keep serving the current version
                 log.exception("hot swap check failed; still serving %s",
                               self.snapshot.version if self.snapshot else None)
@@ -359,7 +359,7 @@ class Ingress:
             finally:
                 self._share_task = None
 
-        self._share_task = asyncio.get_running_loop().create_task(refresh())
+        self._share_task = background_task(refresh())
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.cfg.body_limit
@@ -536,9 +536,14 @@ class Ingress:
         return sum(snap.shards_of(g, n) for g in failed)
 
     async def _guarded(self, route: str, request: Request, fn) -> Response:
-        """Admission, error mapping, metrics and the request-id log line around one request."""
+        """:meth:`_answer` with the request's id on every log line emitted meanwhile (the
+        ``sdray.serve`` logger's :class:`~serve.telemetry.RequestIdFilter`)."""
+        with request_context(getattr(request.state, "rid", None)):
+            return await self._answer(route, fn)
+
+    async def _answer(self, route: str, fn) -> Response:
+        """Admission, error mapping, metrics and the log line of a failed request around ``fn``."""
         t0 = time.perf_counter()
-        rid = getattr(request.state, "rid", "-")
         if self.inflight >= self.cfg.max_inflight:
             self.telemetry.reject("overload")
             resp = error_response(503, "overloaded: too many requests in progress; retry shortly",
@@ -552,7 +557,7 @@ class Ingress:
                     self.telemetry.reject("rate_limit")
                 resp = error_response(err.status, err.message, getattr(err, "retry_after", None))
             except Exception:  # noqa: BLE001 - never let a request take the replica down
-                log.exception("request %s failed", rid)
+                log.exception("request failed")
                 resp = error_response(500, "internal error")
             finally:
                 self.inflight -= 1
@@ -561,7 +566,7 @@ class Ingress:
         self.metrics.requests.labels(route, str(resp.status_code)).inc()
         self.metrics.latency.labels(route).observe(seconds)
         if resp.status_code >= 500:
-            log.warning("request %s %s -> %d in %.1f ms", rid, route, resp.status_code, seconds * 1000)
+            log.warning("%s -> %d in %.1f ms", route, resp.status_code, seconds * 1000)
         return resp
 
     async def _readiness(self) -> tuple[bool, dict]:

@@ -340,3 +340,19 @@ def test_a_dead_shard_group_gives_the_image_route_a_503_not_a_500(demo):
             assert _is_fixed_503(resp, "internal detail")
         statuses.add(resp.status_code)
     assert statuses == {200, 503}  # images the live groups hold are served; the missing one may be in group 1
+
+
+def test_every_log_line_about_a_request_carries_its_id(demo, caplog):
+    import logging
+
+    ing = _ingress(demo, fail_group=1)
+    with caplog.at_level(logging.INFO, logger="sdray.serve"):
+        status, _, _ = _search(ing, {"text": "a blue square", "k": 10})
+        logging.getLogger("sdray.serve").warning("between requests")
+    assert status == 503
+    during = [r for r in caplog.records if r.getMessage() != "between requests"]
+    assert any("shard group 1 failed" in r.getMessage() for r in during)
+    for record in during:   # the failed group's warning and the 503 line among them
+        assert record.request_id == "test-rid" and record.getMessage().startswith("[request test-rid] ")
+    after = next(r for r in caplog.records if r.getMessage() == "between requests")
+    assert after.request_id == "-"
