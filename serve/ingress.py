@@ -193,12 +193,13 @@ class Ingress:
         self._share_known = False
         self._share_task: asyncio.Task | None = None
         self.url_secret = self.keys.signing_secret() if self.keys.enabled else None
+        self.telemetry = Telemetry()
         if encoder is None:
             from serve.shard_group import model_uri
             from serve.encoder import LocalEncoder
 
             encoder = LocalEncoder(model_uri(self.cfg), self.cfg.use_gpu, self.cfg.batch.max_batch_size,
-                                   self.cfg.batch.torch_threads)
+                                   self.cfg.batch.torch_threads, self.telemetry)
         self.encoder = encoder
         self.local_shards = bool(self.cfg.shards_in_ingress and not self.groups)
         if self.local_shards:
@@ -214,7 +215,6 @@ class Ingress:
         self.local_encoder = not hasattr(getattr(encoder, "info", None), "remote")
         self.snapshot: Snapshot | None = None
         self.swap_pending: str | None = None
-        self.telemetry = Telemetry()
         self.metrics = LocalMetrics()
         self.inflight = 0
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()

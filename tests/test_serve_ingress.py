@@ -356,3 +356,39 @@ def test_every_log_line_about_a_request_carries_its_id(demo, caplog):
         assert record.request_id == "test-rid" and record.getMessage().startswith("[request test-rid] ")
     after = next(r for r in caplog.records if r.getMessage() == "between requests")
     assert after.request_id == "-"
+
+
+class _RayMetric:
+    """Stands in for a ray.util.metrics Counter/Histogram; records what is observed."""
+
+    seen: list = []
+
+    def __init__(self, name, description="", boundaries=None, tag_keys=()):
+        self.name, self.tag_keys = name, tag_keys
+
+    def inc(self, value=1.0, tags=None):
+        self._record(value, tags)
+
+    def observe(self, value, tags=None):
+        self._record(value, tags)
+
+    def _record(self, value, tags):
+        assert set(tags or {}) == set(self.tag_keys), (self.name, tags)
+        self.seen.append((self.name, value, dict(tags or {})))
+
+
+def test_metrics_go_through_ray_metrics_with_the_encoder_inside_the_ingress(demo, monkeypatch):
+    from ray.util import metrics as ray_metrics
+
+    monkeypatch.setattr(_RayMetric, "seen", [])
+    monkeypatch.setattr(ray_metrics, "Counter", _RayMetric)
+    monkeypatch.setattr(ray_metrics, "Histogram", _RayMetric)
+    ing = _ingress(demo)
+    assert ing.local_encoder
+    status, _, _ = _search(ing, {"text": "a red circle", "k": 3})
+    assert status == 200
+    seen = _RayMetric.seen
+    assert ("sdray_encoder_batch_size", 1, {"kind": "text"}) in seen      # the in-ingress encoder's batch
+    assert ("sdray_http_requests", 1.0, {"route": "/v1/search", "status": "200"}) in seen
+    stages = {tags["stage"] for name, _, tags in seen if name == "sdray_stage_latency_ms"}
+    assert {"parse", "encode", "search", "fuse"} <= stages
