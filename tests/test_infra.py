@@ -382,6 +382,32 @@ def test_serve_ports_agree():
     assert parser.parse_args(["--index", "x"]).port == port
 
 
+def test_rayservice_workers_probe_readyz_and_livez_and_mount_the_api_keys():
+    """Every RayService worker pod (where the Serve replicas and proxies run) is taken out of the
+    Service by /readyz and restarted by /livez on the Serve port, and mounts the API-key Secret
+    where the app's ``api_keys_file`` reads it."""
+    import posixpath
+
+    v2, _ = serve_configs()
+    keys_file = v2["applications"][0]["args"]["api_keys_file"]
+    port = v2["http_options"]["port"]
+    secret = load("secret-api-keys.example.yaml")
+    svc = load("rayservice.yaml")
+    workers = [(n, g) for n, g in pod_groups(svc) if n != "head"]
+    assert workers
+    for name, group in workers:
+        container = containers(group)[0]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}, name
+        assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": port}, name
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        mounts = [m for m in container["volumeMounts"] if m["mountPath"] == posixpath.dirname(keys_file)]
+        assert len(mounts) == 1 and mounts[0].get("readOnly") is True, name
+        source = volumes[mounts[0]["name"]]["secret"]
+        assert source["secretName"] == secret["metadata"]["name"], name
+        items = {i["path"]: i["key"] for i in source["items"]}
+        assert items[posixpath.basename(keys_file)] in secret["stringData"], name
+
+
 def test_rayservice_asks_only_for_resources_its_cluster_has():
     v2, _ = serve_configs()
     svc = load("rayservice.yaml")

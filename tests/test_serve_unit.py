@@ -620,6 +620,29 @@ def test_use_gpu_gives_encoder_replicas_a_gpu_and_searchers_their_memory(monkeyp
     assert list(deployments(shards_in_ingress=None)) == ["Ingress"]    # the default, auto, for a small index
 
 
+def test_every_deployment_gets_its_queue_bound_and_backpressure_answer(monkeypatch):
+    import serve.app as serve_app
+    from ray.serve._private.build_app import build_app as serve_build
+
+    monkeypatch.setattr(serve_app, "model_uri", lambda cfg: "/m")
+    monkeypatch.setattr(serve_app, "n_groups", lambda cfg: 2)
+    monkeypatch.setattr(serve_app, "shard_memory", lambda cfg, groups: [1000, 1000])
+    knobs = {"ingress": (77, 3.0), "encoder": (55, 2.0), "shards": (33, 4.0)}
+    cfg = ServeConfig(index="/x", shards_in_ingress=False, encoder_in_ingress=False, **{
+        name: DeploymentKnobs(max_queued_requests=q, retry_after_s=r) for name, (q, r) in knobs.items()})
+    built = {d.name: d for d in serve_build(serve_app.build_app(cfg), name="t").deployments}
+    for name, knob in (("Ingress", "ingress"), ("QueryEncoder", "encoder"), ("ShardSearcher0", "shards"),
+                       ("ShardSearcher1", "shards")):
+        queued, retry_after = knobs[knob]
+        assert built[name].max_queued_requests == queued, name
+        backpressure = built[name]._deployment_config.backpressure_config
+        assert (backpressure.status_code, backpressure.retry_after_s) == (503, retry_after), name
+    unbounded = ServeConfig(index="/x", shards_in_ingress=True, encoder_in_ingress=True,
+                            ingress=DeploymentKnobs(max_queued_requests=-1))
+    alone = serve_build(serve_app.build_app(unbounded), name="t").deployments[0]
+    assert alone.name == "Ingress" and alone.max_queued_requests == -1
+
+
 def test_auto_placement_serves_small_indexes_from_the_ingress_alone(monkeypatch):
     import serve.app as serve_app
 
