@@ -15,7 +15,9 @@ encoder and every shard inside the ingress replica, ``shards_in_ingress`` too, n
 ingress's own stage timings and what lies outside it: proxy and HTTP). ``+`` options
 change one knob each (:func:`variant_config`): ``deployment+spin`` is the old default (idle
 OpenMP threads spinning, as before ``OMP_WAIT_POLICY=PASSIVE`` became the default).
-``--kill`` then runs one more level during which a QueryEncoder replica is killed
+``--burst N --burst-concurrency C`` then sends N searches from C client threads at once to the
+last variant and prints the answers by status and the p50/p99 time to a 503 (overload must be
+refused fast). ``--kill`` then runs one more level during which a QueryEncoder replica is killed
 (``ray.kill``) and reports how many requests failed and when service recovered. ``--json`` prints every number as one JSON object on the last line.
 """
 
@@ -104,6 +106,41 @@ def run_bodies(url: str, bodies: list[dict], conc: int) -> dict:
         list(pool.map(one, bodies))
     out = _stats(lat, time.perf_counter() - t0, errors)
     return out | {"where_ms": where_the_time_goes(lat, inside)}
+
+
+def burst(url: str, queries: list[str], n: int, conc: int, k: int) -> dict:
+    """``n`` searches from ``conc`` client threads at once: the answers by status (0: no HTTP
+    answer), and how long the 503s (refused for overload) and the 200s took."""
+    took: dict[int, list[float]] = {}
+    lock = threading.Lock()
+
+    def one(i):
+        status, dt = _post(url, {"text": queries[i % len(queries)], "k": k, "mode": "hybrid"})
+        with lock:
+            took.setdefault(status, []).append(dt)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(conc) as pool:
+        list(pool.map(one, range(n)))
+    out = {"requests": n, "concurrency": conc, "wall_s": time.perf_counter() - t0,
+           "by_status": {str(s): len(v) for s, v in sorted(took.items())},
+           "503_over_5s": sum(dt > 5 for dt in took.get(503, []))}
+    for status in (503, 200):
+        if took.get(status):
+            ms = np.asarray(took[status]) * 1000
+            out[f"{status}_ms"] = {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+                                   "max": float(ms.max())}
+    return out
+
+
+def print_burst(b: dict) -> None:
+    print(f"\nburst: {b['requests']} requests at concurrency {b['concurrency']} in {b['wall_s']:.1f}s; "
+          f"by status: {b['by_status']}")
+    for status in ("503", "200"):
+        t = b.get(f"{status}_ms")
+        if t:
+            print(f"  time to a {status}: p50 {t['p50']:.0f} ms, p99 {t['p99']:.0f} ms, max {t['max']:.0f} ms")
+    print(f"  503s that took more than 5 s: {b['503_over_5s']}")
 
 
 def where_the_time_goes(lat: list[float], inside: list[dict]) -> dict:
@@ -226,10 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="deployment,auto",
                    help="placements to measure: deployment, ingress, local, auto, each optionally "
                         "+spin, +fast or +tN (comma separated)")
+    p.add_argument("--burst", type=int, default=0, help="then send this many searches at once "
+                   "against the last variant (overload: 503s by status and how fast they come)")
+    p.add_argument("--burst-concurrency", type=int, default=256, help="client threads of the burst")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.requests > 2000:
-        p.error("--requests is capped at 2000")
+    if args.requests > 2000 or args.burst > 2000:
+        p.error("--requests and --burst are capped at 2000")
+    if not 1 <= args.burst_concurrency <= 512:
+        p.error("--burst-concurrency must be between 1 and 512")
 
     from serve.app import ray_env
     from serve.config import ServeConfig
@@ -307,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{w['outside_ingress_ms']:.1f} ms; mean encoder batch {w['mean_batch']:.1f}")
             if variant != variants[-1]:
                 serve.shutdown()
+        if args.burst and url:
+            report["burst"] = burst(url, QUERIES, args.burst, args.burst_concurrency, args.k)
+            print_burst(report["burst"])
         if args.kill and url:
             kt = kill_test(url, QUERIES, max(args.requests, 96), 8, args.k)
             report["kill"] = kt

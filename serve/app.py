@@ -93,7 +93,7 @@ def build_app(args: dict | ServeConfig):
             knobs = knobs.model_copy(update={"memory_bytes": memory[i]})
         searchers.append(ShardSearcher.options(name=f"ShardSearcher{i}", **knobs.options(cfg.replica_env)).bind(
             cfg.index, i, groups, cfg.poll_interval_s, cfg.app_name, cfg.search_threads, cfg.mmap,
-            cfg.shard_cache_dir, cfg.faiss_gpu, cfg.leases.model_dump()))
+            cfg.shard_cache_dir, cfg.faiss_gpu, cfg.leases.model_dump(), cfg.retire_after_s))
     return Ingress.options(**cfg.ingress.options(cfg.replica_env)).bind(cfg.model_dump(), encoder, searchers)
 
 

@@ -181,8 +181,10 @@ class ServeConfig(_Strict):
                                          "searcher replica = this × its shard files' bytes.")
     poll_interval_s: float = Field(5.0, ge=0, description="How often the version pointer is "
                                    "read for hot swaps; 0 disables hot swap.")
-    swap_grace_s: float = Field(1.0, ge=0, description="Wait after a new version appears before "
-                                "the ingress switches (searchers preload meanwhile).")
+    swap_grace_s: float = Field(5.0, ge=0, description="Margin of the retirement of a replaced "
+                                "index version: it stays loaded retire_after_s = request_timeout_s "
+                                "+ 2 × poll_interval_s + swap_grace_s after the switch, so a request "
+                                "pinned to it never makes a replica load it again.")
     leases: LeaseConfig = Field(LeaseConfig(), description="Index-version leases every shard "
                                 "searcher replica writes for the versions it holds (ttl_s, renew_s); "
                                 "`sdray index gc` keeps leased versions.")
@@ -197,6 +199,12 @@ class ServeConfig(_Strict):
         if self.k_default > self.k_max:
             raise ValueError("k_default must be <= k_max")
         return self
+
+    @property
+    def retire_after_s(self) -> float:
+        """Seconds a replaced version stays loaded after the switch: a request's deadline, plus up
+        to two poll intervals for the other ingress replicas to switch too, plus ``swap_grace_s``."""
+        return self.request_timeout_s + 2 * self.poll_interval_s + self.swap_grace_s
 
     @property
     def body_limit(self) -> int:

@@ -137,10 +137,11 @@ class LocalEncoder:
     """
 
     def __init__(self, model_uri: str, use_gpu: bool = False, max_batch_size: int = 16,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, telemetry=None):
         self.models = Models(pick_device(use_gpu))
         self.models.get(model_uri)
         self.max_batch_size = max_batch_size
+        self.telemetry = telemetry  # the ingress's serve.telemetry.Telemetry: batch sizes as Ray metrics
         self._pending: dict[str, list] = {"text": [], "image": []}
         self._busy: dict[str, bool] = {"text": False, "image": False}
         torch.set_num_threads(int(torch_threads or os.cpu_count() or 1))
@@ -158,6 +159,8 @@ class LocalEncoder:
             while self._pending[kind]:
                 batch = self._pending[kind][: self.max_batch_size]
                 del self._pending[kind][: len(batch)]
+                if self.telemetry is not None:
+                    self.telemetry.batch(len(batch), kind)
                 rows = await asyncio.to_thread(encode_batch, self.models, kind,
                                                [b[0] for b in batch], [b[1] for b in batch])
                 for (_, _, f), row in zip(batch, rows):

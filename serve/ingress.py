@@ -37,7 +37,7 @@ from serve.config import ServeConfig
 from serve.request import ApiError, Query, describe_validation_error, parse_request
 from serve.schemas import ErrorBody, Health, SearchRequest, SearchResponse
 from serve.shard_group import Fusion, current_version, merge, resolve_root
-from serve.telemetry import LocalMetrics, Telemetry, request_id
+from serve.telemetry import LocalMetrics, Telemetry, background_task, request_context, request_id
 
 log = logging.getLogger("sdray.serve")
 STATIC = Path(__file__).parent / "static"
@@ -193,12 +193,13 @@ class Ingress:
         self._share_known = False
         self._share_task: asyncio.Task | None = None
         self.url_secret = self.keys.signing_secret() if self.keys.enabled else None
+        self.telemetry = Telemetry()
         if encoder is None:
             from serve.shard_group import model_uri
             from serve.encoder import LocalEncoder
 
             encoder = LocalEncoder(model_uri(self.cfg), self.cfg.use_gpu, self.cfg.batch.max_batch_size,
-                                   self.cfg.batch.torch_threads)
+                                   self.cfg.batch.torch_threads, self.telemetry)
         self.encoder = encoder
         self.local_shards = bool(self.cfg.shards_in_ingress and not self.groups)
         if self.local_shards:
@@ -214,7 +215,6 @@ class Ingress:
         self.local_encoder = not hasattr(getattr(encoder, "info", None), "remote")
         self.snapshot: Snapshot | None = None
         self.swap_pending: str | None = None
-        self.telemetry = Telemetry()
         self.metrics = LocalMetrics()
         self.inflight = 0
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
@@ -240,7 +240,7 @@ class Ingress:
     # ---- version management ---------------------------------------------------------------
     async def _ensure_started(self) -> Snapshot:
         if self._task is None and not self.pinned and self.cfg.poll_interval_s > 0:
-            self._task = asyncio.get_running_loop().create_task(self._poll())
+            self._task = background_task(self._poll())
         if self.snapshot is None:
             async with self._lock:
                 if self.snapshot is None:
@@ -249,6 +249,23 @@ class Ingress:
                     version = version or await asyncio.to_thread(current_version, self.root, self.pinned)
                     await self._switch(version)
         return self.snapshot
+
+    async def _snapshot(self, deadline: float) -> Snapshot:
+        """The served snapshot within the request's deadline (504 past it; the load goes on for
+        later requests); 503 when it cannot be loaded (storage fault, encoder down or full)."""
+        if self.snapshot is not None:
+            return self.snapshot
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._ensure_started()),
+                                          max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.telemetry.reject("deadline")
+            raise DeadlineExceeded("loading the index") from None
+        except Exception as err:  # noqa: BLE001 - the cause goes to the log, not to the client
+            self.telemetry.reject("overload" if _is_backpressure(err) else "not_ready")
+            log.warning("loading the served index version failed: %s", type(err).__name__, exc_info=True)
+            raise Unavailable("the index or the query encoder is not ready; retry shortly",
+                              self.cfg.ingress.retry_after_s) from None
 
     async def _switch(self, version: str) -> None:
         from sdray import storage
@@ -290,7 +307,7 @@ class Ingress:
 
     async def _retire_old(self) -> None:
         """Drop the in-ingress shards of older versions once no request pinned to one can run."""
-        await asyncio.sleep(self.cfg.request_timeout_s)
+        await asyncio.sleep(self.cfg.retire_after_s)
         await asyncio.to_thread(self.groups[0].retire)
 
     async def _poll(self) -> None:
@@ -311,7 +328,7 @@ class Ingress:
                         await self._switch(newest)
                     self.swap_pending = None
                     if self.local_shards:
-                        self._retiring = asyncio.get_running_loop().create_task(self._retire_old())
+                        self._retiring = background_task(self._retire_old())
             except Exception:  # noqa: BLE001 - keep serving the current version
                 log.exception("hot swap check failed; still serving %s",
                               self.snapshot.version if self.snapshot else None)
@@ -342,7 +359,7 @@ class Ingress:
             finally:
                 self._share_task = None
 
-        self._share_task = asyncio.get_running_loop().create_task(refresh())
+        self._share_task = background_task(refresh())
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.cfg.body_limit
@@ -442,7 +459,7 @@ class Ingress:
 
     async def _search(self, q: Query, deadline: float) -> dict:
         t0 = time.perf_counter()
-        snap = await self._ensure_started()
+        snap = await self._snapshot(deadline)
         enc = await self._encode(snap, q, deadline)
         t_enc = time.perf_counter()
         self.metrics.batch.labels("text" if q.text is not None else "image").observe(enc["batch_size"])
@@ -519,9 +536,14 @@ class Ingress:
         return sum(snap.shards_of(g, n) for g in failed)
 
     async def _guarded(self, route: str, request: Request, fn) -> Response:
-        """Admission, error mapping, metrics and the request-id log line around one request."""
+        """:meth:`_answer` with the request's id on every log line emitted meanwhile (the
+        ``sdray.serve`` logger's :class:`~serve.telemetry.RequestIdFilter`)."""
+        with request_context(getattr(request.state, "rid", None)):
+            return await self._answer(route, fn)
+
+    async def _answer(self, route: str, fn) -> Response:
+        """Admission, error mapping, metrics and the log line of a failed request around ``fn``."""
         t0 = time.perf_counter()
-        rid = getattr(request.state, "rid", "-")
         if self.inflight >= self.cfg.max_inflight:
             self.telemetry.reject("overload")
             resp = error_response(503, "overloaded: too many requests in progress; retry shortly",
@@ -535,7 +557,7 @@ class Ingress:
                     self.telemetry.reject("rate_limit")
                 resp = error_response(err.status, err.message, getattr(err, "retry_after", None))
             except Exception:  # noqa: BLE001 - never let a request take the replica down
-                log.exception("request %s failed", rid)
+                log.exception("request failed")
                 resp = error_response(500, "internal error")
             finally:
                 self.inflight -= 1
@@ -544,7 +566,7 @@ class Ingress:
         self.metrics.requests.labels(route, str(resp.status_code)).inc()
         self.metrics.latency.labels(route).observe(seconds)
         if resp.status_code >= 500:
-            log.warning("request %s %s -> %d in %.1f ms", rid, route, resp.status_code, seconds * 1000)
+            log.warning("%s -> %d in %.1f ms", route, resp.status_code, seconds * 1000)
         return resp
 
     async def _readiness(self) -> tuple[bool, dict]:
@@ -594,17 +616,18 @@ class Ingress:
     async def image(self, doc_id: str, request: Request, size: int = 256, exp: str | None = None,
                     sig: str | None = None):
         async def run():
+            deadline = time.monotonic() + self.cfg.request_timeout_s
             if self.url_secret is not None and not check_image_signature(self.url_secret, doc_id, size, exp, sig):
                 self._authorise(request)
             if not 16 <= size <= 1024:
                 raise ApiError(422, "size: must be between 16 and 1024")
             if len(doc_id) > 512:
                 raise ApiError(422, "image id too long")
-            snap = await self._ensure_started()
+            snap = await self._snapshot(deadline)
             key = f"{snap.version}/{doc_id}/{size}"
             data = self._thumbs.get(key)
             if data is None:
-                data = await self._thumbnail(snap, doc_id, size)
+                data = await self._thumbnail(snap, doc_id, size, deadline)
                 if isinstance(data, Response):      # a redirect to the source url
                     return data
                 self._thumbs[key] = data
@@ -614,17 +637,30 @@ class Ingress:
 
         return await self._guarded("/v1/images", request, run)
 
-    async def _thumbnail(self, snap: Snapshot, doc_id: str, size: int) -> bytes | Response:
+    async def _find(self, snap: Snapshot, doc_id: str, deadline: float) -> dict | None:
+        """Metadata of the document ``doc_id`` (an image first, else a caption) from the group that
+        holds it; None when no group does. 503 when a group that failed may hold it."""
+        for side in ("images", "captions"):
+            found = await self._fan_out([self._call(g.find, snap.version, side, doc_id) for g in self.groups],
+                                        deadline, "find")
+            meta = next((m for m in found if isinstance(m, dict)), None)
+            if meta is not None:
+                return meta
+            failed = [g for g, m in enumerate(found) if isinstance(m, BaseException)]
+            if failed:
+                for g in failed:
+                    log.warning("shard group %d failed during find: %s", g, type(found[g]).__name__)
+                self.telemetry.reject("shard_failure")
+                raise Unavailable(f"{len(failed)} of {len(found)} shard groups failed looking up the image; "
+                                  "retry shortly", self.cfg.shards.retry_after_s)
+        return None
+
+    async def _thumbnail(self, snap: Snapshot, doc_id: str, size: int, deadline: float) -> bytes | Response:
         """JPEG bytes, or a 307 to the document's source url when its stored bytes cannot be read
         within ``image_read_max_bytes``."""
         from serve.images import ReadTooLarge, read_image_bytes, thumbnail
 
-        meta = None
-        for side in ("images", "captions"):
-            found = await asyncio.gather(*(self._call(g.find, snap.version, side, doc_id) for g in self.groups))
-            meta = next((m for m in found if m), None)
-            if meta is not None:
-                break
+        meta = await self._find(snap, doc_id, deadline)
         if meta is None or not meta.get("uri"):
             raise ApiError(404, f"no image with id {doc_id[:80]!r} in index version {snap.version}")
         try:
@@ -651,7 +687,7 @@ class Ingress:
     async def info(self, request: Request):
         async def run():
             self._authorise(request)
-            snap = await self._ensure_started()
+            snap = await self._snapshot(time.monotonic() + self.cfg.request_timeout_s)
             m = snap.manifest
             return JSONResponse({
                 "index_version": snap.version, "model": snap.model_uri,

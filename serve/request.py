@@ -95,8 +95,8 @@ def _form_parts(body: bytes, content_type: str) -> dict[str, tuple[bytes, bool]]
     header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
     try:
         msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
-    except Exception as err:  # malformed MIME
-        raise ApiError(400, f"malformed multipart body: {err}") from None
+    except Exception:  # malformed MIME; the parser's own text is not for the client
+        raise ApiError(400, "malformed multipart body: not parseable as multipart/form-data") from None
     if not msg.is_multipart():
         raise ApiError(400, "malformed multipart body: no parts found (is the boundary right?)")
     out: dict[str, tuple[bytes, bool]] = {}

@@ -11,11 +11,13 @@ Hot swap, without a request ever waiting for a load:
 1. every replica polls the index's version pointer and preloads a newly published version next to
    the served one (an older one is dropped first: at most one extra version resident);
 2. every replica reports the versions it holds to the :class:`VersionBoard` (a small named Ray
-   actor) at each poll, a heartbeat;
+   actor) every heartbeat, from its own thread, so a replica stays live while it loads;
 3. an ingress replica switches to the new version only when every *live* replica of every group
    (one that reported within ``3 × heartbeat``) holds it, then marks it served on the board;
-4. replicas then drop versions other than the served and newest one, and a replica starting
-   during a swap loads both the served and the newest version before it takes traffic.
+4. replicas then drop versions other than the served and newest one ``retire_after_s`` after the
+   switch (:attr:`~serve.config.ServeConfig.retire_after_s`: past the deadline of any request
+   pinned to the old version), and a replica starting during a swap loads both the served and the
+   newest version before it takes traffic.
 
 Every replica also leases each version it holds under the index root
 (:mod:`sdray.index.leases`: written before loading, renewed every ``leases.renew_s`` by its own
@@ -34,6 +36,7 @@ import ray
 from ray import serve
 
 from sdray.index.leases import LeaseConfig, LeaseHolder
+from serve.config import ServeConfig
 from serve.shard_group import Fusion, ShardGroup, current_version, resolve_root
 
 log = logging.getLogger("sdray.serve")
@@ -133,7 +136,8 @@ class ShardSearcher(GroupCalls):
 
     def __init__(self, index: str, group: int, groups: int, poll_interval_s: float = 5.0,
                  app_name: str = "sdray", threads: int = 4, mmap: bool = True,
-                 cache_dir: str | None = None, faiss_gpu: bool = False, leases: dict | None = None):
+                 cache_dir: str | None = None, faiss_gpu: bool = False, leases: dict | None = None,
+                 retire_after_s: float | None = None):
         self.root, self.pinned = resolve_root(index)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -150,32 +154,50 @@ class ShardSearcher(GroupCalls):
         for v in dict.fromkeys(v for v in (served, newest) if v):
             self.group.load(v)  # raises: Serve retries the replica, no traffic meanwhile
         self.group.protected = {served or newest}
-        self.grace_s = 2 * poll_interval_s + 10.0  # other ingress replicas catch up meanwhile
+        self.grace_s = retire_after_s if retire_after_s is not None else ServeConfig(
+            index=index, poll_interval_s=poll_interval_s).retire_after_s
         self._served_since: tuple[str | None, float] = (served, time.monotonic())
         self._stop = threading.Event()
         threading.Thread(target=self._renew_leases, name="lease-renew", daemon=True).start()
         if self.board is not None:
             self._report()
+            threading.Thread(target=self._heartbeat, name="shard-heartbeat", daemon=True).start()
             threading.Thread(target=self._poll, name="shard-poll", daemon=True).start()
 
     def _report(self) -> str | None:
+        """One heartbeat: the versions held; returns the version the ingress serves."""
         return ray.get(self.board.report.remote(self.group.group, self.replica, self.group.versions()))
 
+    def _heartbeat(self) -> None:
+        """Report every ``heartbeat_s``, also while :meth:`_poll` loads a version: a replica that is
+        loading stays live without holding the new version, so the ingress waits for it."""
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                served = self._report()
+                if served != self._served_since[0]:
+                    self._served_since = (served, time.monotonic())
+            except Exception:  # noqa: BLE001 - retried at the next beat
+                log.exception("shard group %s: reporting to the version board failed", self.group.group)
+
     def _poll(self) -> None:
+        """Preload the newest version; drop replaced ones once :meth:`_retire` allows."""
         while not self._stop.wait(self.heartbeat_s):
             try:
                 newest = current_version(self.root, self.pinned)
                 if not self.group.loaded(newest):
                     self.group.load(newest)
-                served = self._report()
-                if served != self._served_since[0]:
-                    self._served_since = (served, time.monotonic())
-                if served and self.group.loaded(served):
-                    self.group.protected = {served}
-                    if time.monotonic() - self._served_since[1] > self.grace_s:
-                        self.group.keep_only({served, newest})
+                self._retire(newest)
             except Exception:  # noqa: BLE001 - retried at the next poll; the served version stays
                 log.exception("shard group %s: preloading the newest version failed", self.group.group)
+
+    def _retire(self, newest: str) -> None:
+        """Protect the served version; ``grace_s`` after it became the served one, drop the others
+        but ``newest``."""
+        served, since = self._served_since
+        if served and self.group.loaded(served):
+            self.group.protected = {served}
+            if time.monotonic() - since > self.grace_s:
+                self.group.keep_only({served, newest})
 
     def check_health(self) -> None:
         if not any(self.group.loaded(v) for v in self.group.protected):

@@ -9,35 +9,73 @@ name                                        kind         tags
 ==========================================  ===========  ===========================================
 ``sdray_http_requests``                     counter      route, status
 ``sdray_http_latency_ms``                   histogram    route
-``sdray_stage_latency_ms``                  histogram    stage (parse, encode, search, explain, fuse)
+``sdray_stage_latency_ms``                  histogram    stage (parse, encode, search, explain, fuse,
+                                                         find)
 ``sdray_encoder_batch_size``                histogram    kind (text, image)
 ``sdray_rejected_requests``                 counter      reason (overload, rate_limit, deadline,
-                                                         shard_failure)
+                                                         shard_failure, encoder_failure, not_ready)
 ==========================================  ===========  ===========================================
 
 The ingress also keeps the same request counters and latency in a replica-local Prometheus
 registry for ``GET /metrics`` (one replica's view, handy on one machine). Request ids: the ingress
-takes ``X-Request-Id`` from the client (bounded, printable) or makes one, logs it with every line
-about the request and returns it as a response header.
+takes ``X-Request-Id`` from the client (bounded, printable) or makes one and returns it as a
+response header; while it serves the request, :data:`REQUEST_ID` holds it (it follows the request
+into worker threads, ``asyncio.to_thread`` copies the context) and :class:`RequestIdFilter` puts
+it on every line of the ``sdray.serve`` logger: ``[request <id>] …`` and ``record.request_id``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import logging
 import re
 import uuid
 
 log = logging.getLogger("sdray.serve")
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("sdray_request_id", default=None)
 
 LATENCY_MS = [1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_REQUEST_ID_FORMAT = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 def request_id(given: str | None) -> str:
     """The client's ``X-Request-Id`` when it is short and printable, else a new random id."""
-    if given and _REQUEST_ID.match(given):
+    if given and _REQUEST_ID_FORMAT.match(given):
         return given
     return uuid.uuid4().hex[:16]
+
+
+class RequestIdFilter(logging.Filter):
+    """Marks a record logged while a request is served with its id (``request_id``, ``-``
+    outside one) and prefixes its message with ``[request <id>]``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = REQUEST_ID.get()
+        if not hasattr(record, "request_id"):
+            record.request_id = rid or "-"
+            if rid:
+                record.msg = f"[request {rid}] {record.msg}"
+        return True
+
+
+log.addFilter(RequestIdFilter())
+
+
+@contextlib.contextmanager
+def request_context(rid: str | None):
+    """:data:`REQUEST_ID` is ``rid`` inside the ``with`` block (the request's handling)."""
+    token = REQUEST_ID.set(rid)
+    try:
+        yield
+    finally:
+        REQUEST_ID.reset(token)
+
+
+def background_task(coro) -> asyncio.Task:
+    """``coro`` as a task outside the current request's context (its log lines carry no id)."""
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
 class Telemetry:

@@ -382,6 +382,32 @@ def test_serve_ports_agree():
     assert parser.parse_args(["--index", "x"]).port == port
 
 
+def test_rayservice_workers_probe_readyz_and_livez_and_mount_the_api_keys():
+    """Every RayService worker pod (where the Serve replicas and proxies run) is taken out of the
+    Service by /readyz and restarted by /livez on the Serve port, and mounts the API-key Secret
+    where the app's ``api_keys_file`` reads it."""
+    import posixpath
+
+    v2, _ = serve_configs()
+    keys_file = v2["applications"][0]["args"]["api_keys_file"]
+    port = v2["http_options"]["port"]
+    secret = load("secret-api-keys.example.yaml")
+    svc = load("rayservice.yaml")
+    workers = [(n, g) for n, g in pod_groups(svc) if n != "head"]
+    assert workers
+    for name, group in workers:
+        container = containers(group)[0]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}, name
+        assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": port}, name
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        mounts = [m for m in container["volumeMounts"] if m["mountPath"] == posixpath.dirname(keys_file)]
+        assert len(mounts) == 1 and mounts[0].get("readOnly") is True, name
+        source = volumes[mounts[0]["name"]]["secret"]
+        assert source["secretName"] == secret["metadata"]["name"], name
+        items = {i["path"]: i["key"] for i in source["items"]}
+        assert items[posixpath.basename(keys_file)] in secret["stringData"], name
+
+
 def test_rayservice_asks_only_for_resources_its_cluster_has():
     v2, _ = serve_configs()
     svc = load("rayservice.yaml")
@@ -400,28 +426,37 @@ def test_rayservice_asks_only_for_resources_its_cluster_has():
 
 # ----------------------------------------------------------------------------- AWS launcher
 
-def test_long_lived_clusters_keep_the_dashboard_off_every_interface():
-    """The dashboard (job submission and Serve deploy API, no auth) is never on 0.0.0.0 where a
-    cluster lives on: the AWS launcher's head binds loopback (reached through `ray dashboard`'s
-    SSH tunnel); the RayService binds the pod IP (the KubeRay operator deploys through it), admits
-    only the operator's namespace to 8265, and - since KubeRay's default head probes ask
-    localhost:8265 - declares its own probes against that IP."""
+def test_no_cluster_puts_the_dashboard_on_every_interface():
+    """The dashboard (job submission and Serve deploy API, no auth) is never on 0.0.0.0: the AWS
+    launcher's head binds loopback (reached through `ray dashboard`'s SSH tunnel); the RayService
+    and every RayJob bind the head pod's IP (the KubeRay operator and a RayJob's submitter pod reach
+    it through the head Service) and - since KubeRay's default head probes ask localhost:8265 -
+    declare their own probes against that IP. The NetworkPolicy admits only the operator's
+    namespace to the RayService head's 8265, and selects no RayJob head (its submitter must reach it)."""
     head_cmd = " ".join(load("cluster-aws.yaml")["head_start_ray_commands"])
     assert re.search(r"--dashboard-host[= ]127\.0\.0\.1(\s|$)", head_cmd), head_cmd
-    head = cluster_spec(load("rayservice.yaml"))["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "$SDRAY_POD_IP"
-    container = containers(head)[0]
-    env = {e["name"]: e for e in container["env"]}
-    assert env["SDRAY_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    for probe in ("readinessProbe", "livenessProbe"):
-        command = container[probe]["exec"]["command"]
-        assert command[:2] == ["bash", "-c"], probe
-        assert "http://$SDRAY_POD_IP:8265/api/gcs_healthz" in command[2] and "localhost:8265" not in command[2]
+    for name, doc in ray_manifests().items():
+        head = cluster_spec(doc)["headGroupSpec"]
+        assert head["rayStartParams"]["dashboard-host"] == "$SDRAY_POD_IP", name
+        container = containers(head)[0]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["SDRAY_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, name
+        for probe in ("readinessProbe", "livenessProbe"):
+            command = container[probe]["exec"]["command"]
+            assert command[:2] == ["bash", "-c"], (name, probe)
+            assert "http://$SDRAY_POD_IP:8265/api/gcs_healthz" in command[2], (name, probe)
+            assert "localhost:8265" not in command[2], (name, probe)
+    for path in INFRA.glob("*.yaml"):
+        assert not re.search(r"dashboard-host[=:]\s*\"?0\.0\.0\.0", path.read_text()), path.name
     policy = load("networkpolicy-dashboard.yaml")
     to_dashboard = [rule for rule in policy["spec"]["ingress"]
                     if any(port["port"] == 8265 for port in rule.get("ports", []))]
-    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
     assert len(to_dashboard) == 1 and [set(f) for f in to_dashboard[0]["from"]] == [{"namespaceSelector"}]
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    for name, doc in ray_manifests().items():
+        labels = {"ray.io/node-type": "head"} | (
+            cluster_spec(doc)["headGroupSpec"]["template"].get("metadata") or {}).get("labels", {})
+        assert (selected.items() <= labels.items()) == (name == "rayservice"), name
 
 
 def test_aws_cluster_launcher():

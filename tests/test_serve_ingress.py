@@ -293,3 +293,102 @@ def test_thumbnails_on_s3_read_one_image_not_the_shard(s3_server, tmp_path, monk
         resp, _ = served(_ingress(pq_demo, image_read_max_bytes=1024), pq_demo.image_ids[5])
         body = json.loads(resp.body)
         assert resp.status_code == 404 and "image_read_max_bytes" in body["error"] and "s3://" not in body["error"]
+
+
+def _is_fixed_503(resp, secret: str) -> bool:
+    body = json.loads(resp.body)
+    return (resp.status_code == 503 and int(resp.headers["Retry-After"]) >= 1 and set(body) == {"error"}
+            and secret not in body["error"])
+
+
+def test_loading_the_served_version_is_under_the_deadline_and_its_failure_is_a_503(demo, monkeypatch):
+    import time
+
+    from sdray.index import manifest as mf
+
+    real = mf.load_manifest
+
+    def storage_down(*a, **kw):
+        raise OSError("connection reset by s3://secret-bucket")
+
+    ing, slow_ing = _ingress(demo), _ingress(demo, request_timeout_s=0.3)
+    monkeypatch.setattr(mf, "load_manifest", storage_down)
+    _, _, resp = _search(ing, {"text": "a red circle", "k": 3})
+    assert _is_fixed_503(resp, "secret-bucket")
+    resp = asyncio.run(ing.image(demo.image_ids[0], _request("GET", "/v1/images/x"), 64))
+    assert _is_fixed_503(resp, "secret-bucket")
+
+    def slow(*a, **kw):
+        time.sleep(1.0)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mf, "load_manifest", slow)
+    status, body, _ = _search(slow_ing, {"text": "a red circle", "k": 3})
+    assert status == 504 and "deadline" in body["error"]
+    monkeypatch.setattr(mf, "load_manifest", real)
+    status, _, _ = _search(ing, {"text": "a red circle", "k": 3})   # the store is back
+    assert status == 200
+
+
+def test_a_dead_shard_group_gives_the_image_route_a_503_not_a_500(demo):
+    ing = _ingress(demo, fail_group=1)
+    statuses = set()
+    for doc_id in [*demo.image_ids, "no-such-image"]:
+        resp = asyncio.run(ing.image(doc_id, _request("GET", f"/v1/images/{doc_id}"), 64))
+        assert resp.status_code in (200, 503), resp.body
+        if resp.status_code == 503:
+            assert _is_fixed_503(resp, "internal detail")
+        statuses.add(resp.status_code)
+    assert statuses == {200, 503}  # images the live groups hold are served; the missing one may be in group 1
+
+
+def test_every_log_line_about_a_request_carries_its_id(demo, caplog):
+    import logging
+
+    ing = _ingress(demo, fail_group=1)
+    with caplog.at_level(logging.INFO, logger="sdray.serve"):
+        status, _, _ = _search(ing, {"text": "a blue square", "k": 10})
+        logging.getLogger("sdray.serve").warning("between requests")
+    assert status == 503
+    during = [r for r in caplog.records if r.getMessage() != "between requests"]
+    assert any("shard group 1 failed" in r.getMessage() for r in during)
+    for record in during:   # the failed group's warning and the 503 line among them
+        assert record.request_id == "test-rid" and record.getMessage().startswith("[request test-rid] ")
+    after = next(r for r in caplog.records if r.getMessage() == "between requests")
+    assert after.request_id == "-"
+
+
+class _RayMetric:
+    """Stands in for a ray.util.metrics Counter/Histogram; records what is observed."""
+
+    seen: list = []
+
+    def __init__(self, name, description="", boundaries=None, tag_keys=()):
+        self.name, self.tag_keys = name, tag_keys
+
+    def inc(self, value=1.0, tags=None):
+        self._record(value, tags)
+
+    def observe(self, value, tags=None):
+        self._record(value, tags)
+
+    def _record(self, value, tags):
+        assert set(tags or {}) == set(self.tag_keys), (self.name, tags)
+        self.seen.append((self.name, value, dict(tags or {})))
+
+
+def test_metrics_go_through_ray_metrics_with_the_encoder_inside_the_ingress(demo, monkeypatch):
+    from ray.util import metrics as ray_metrics
+
+    monkeypatch.setattr(_RayMetric, "seen", [])
+    monkeypatch.setattr(ray_metrics, "Counter", _RayMetric)
+    monkeypatch.setattr(ray_metrics, "Histogram", _RayMetric)
+    ing = _ingress(demo)
+    assert ing.local_encoder
+    status, _, _ = _search(ing, {"text": "a red circle", "k": 3})
+    assert status == 200
+    seen = _RayMetric.seen
+    assert ("sdray_encoder_batch_size", 1, {"kind": "text"}) in seen      # the in-ingress encoder's batch
+    assert ("sdray_http_requests", 1.0, {"route": "/v1/search", "status": "200"}) in seen
+    stages = {tags["stage"] for name, _, tags in seen if name == "sdray_stage_latency_ms"}
+    assert {"parse", "encode", "search", "fuse"} <= stages

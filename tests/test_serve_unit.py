@@ -119,6 +119,18 @@ def test_multipart_upload():
     assert error_of(b"--nope", "multipart/form-data").status == 400
 
 
+def test_a_multipart_parser_failure_is_a_fixed_400(monkeypatch):
+    import email.parser
+
+    def broken(self, data, headersonly=False):
+        raise ValueError("parser internals at 0x7f00")
+
+    monkeypatch.setattr(email.parser.BytesParser, "parsebytes", broken)
+    err = error_of(*multipart({"k": "3"}, {"image": ("x.png", png())}))
+    assert err.status == 400 and "multipart" in err.message and "0x7f00" not in err.message
+
+
+
 # ---------------------------------------------------------------------------- config
 
 def test_deployment_knobs_map_to_serve_options():
@@ -608,6 +620,29 @@ def test_use_gpu_gives_encoder_replicas_a_gpu_and_searchers_their_memory(monkeyp
     assert list(deployments(shards_in_ingress=None)) == ["Ingress"]    # the default, auto, for a small index
 
 
+def test_every_deployment_gets_its_queue_bound_and_backpressure_answer(monkeypatch):
+    import serve.app as serve_app
+    from ray.serve._private.build_app import build_app as serve_build
+
+    monkeypatch.setattr(serve_app, "model_uri", lambda cfg: "/m")
+    monkeypatch.setattr(serve_app, "n_groups", lambda cfg: 2)
+    monkeypatch.setattr(serve_app, "shard_memory", lambda cfg, groups: [1000, 1000])
+    knobs = {"ingress": (77, 3.0), "encoder": (55, 2.0), "shards": (33, 4.0)}
+    cfg = ServeConfig(index="/x", shards_in_ingress=False, encoder_in_ingress=False, **{
+        name: DeploymentKnobs(max_queued_requests=q, retry_after_s=r) for name, (q, r) in knobs.items()})
+    built = {d.name: d for d in serve_build(serve_app.build_app(cfg), name="t").deployments}
+    for name, knob in (("Ingress", "ingress"), ("QueryEncoder", "encoder"), ("ShardSearcher0", "shards"),
+                       ("ShardSearcher1", "shards")):
+        queued, retry_after = knobs[knob]
+        assert built[name].max_queued_requests == queued, name
+        backpressure = built[name]._deployment_config.backpressure_config
+        assert (backpressure.status_code, backpressure.retry_after_s) == (503, retry_after), name
+    unbounded = ServeConfig(index="/x", shards_in_ingress=True, encoder_in_ingress=True,
+                            ingress=DeploymentKnobs(max_queued_requests=-1))
+    alone = serve_build(serve_app.build_app(unbounded), name="t").deployments[0]
+    assert alone.name == "Ingress" and alone.max_queued_requests == -1
+
+
 def test_auto_placement_serves_small_indexes_from_the_ingress_alone(monkeypatch):
     import serve.app as serve_app
 
@@ -644,3 +679,96 @@ def test_searcher_replica_loads_before_it_is_healthy_and_swap_waits_for_every_re
     holders[0][1].append("v2")
     assert all_hold(holders, 2, "v2")
     assert not all_hold(holders, 3, "v2")  # group 2 has no live replica
+
+
+def _board_here(monkeypatch):
+    """A :class:`VersionBoard` in this process behind the handle calls a searcher makes."""
+    import ray
+
+    import serve.searchers as searchers
+
+    board = searchers.VersionBoard.__ray_metadata__.modified_class()
+    handle = types.SimpleNamespace(**{name: types.SimpleNamespace(remote=getattr(board, name))
+                                      for name in ("report", "served", "leave")})
+    monkeypatch.setattr(searchers, "get_board", lambda app_name, root: handle)
+    monkeypatch.setattr(ray, "get", lambda value: value)
+    return board
+
+
+def _publish_copy(root, version: str, new: str) -> None:
+    import shutil
+
+    from sdray.index import manifest as mf
+
+    shutil.copytree(f"{root}/{version}", f"{root}/{new}")
+    mf.publish(str(root), new, mf.load_manifest(str(root), version))
+
+
+def test_a_replica_loading_a_new_version_stays_live_so_the_swap_waits_for_it(random_index, tmp_path, monkeypatch):
+    import shutil
+    import threading
+
+    from serve.searchers import ShardSearcher, all_hold
+    from serve.shard_group import wait_for
+
+    out, version, _ = random_index
+    root = tmp_path / "index"
+    shutil.copytree(out, root)
+    board = _board_here(monkeypatch)
+    replica = ShardSearcher.func_or_class(str(root), 0, 1, 0.1)   # heartbeat and poll every 0.1 s
+    started, release = threading.Event(), threading.Event()
+    real_load = replica.group.load
+
+    def slow_load(v):
+        if v == "v-new":
+            started.set()
+            release.wait(30)
+        return real_load(v)
+
+    replica.group.load = slow_load
+    try:
+        _publish_copy(root, version, "v-new")
+        assert started.wait(10)                                   # the replica is loading v-new
+        beats = board._held[(0, replica.replica)][1]
+        assert wait_for(lambda: board._held[(0, replica.replica)][1] > beats, 10)   # ...and reports
+        holders = board.holders(fresh_s=5.0)
+        assert holders == {0: [[version]]} and not all_hold(holders, 1, "v-new")  # live, not holding
+        release.set()
+        assert wait_for(lambda: all_hold(board.holders(fresh_s=5.0), 1, "v-new"), 10)
+    finally:
+        release.set()
+        replica._stop.set()
+
+
+def test_a_replaced_version_stays_loaded_past_the_deadline_of_requests_pinned_to_it(random_index, tmp_path,
+                                                                                     monkeypatch):
+    import shutil
+    import time
+
+    import serve.app as serve_app
+    from ray.serve._private.build_app import build_app as serve_build
+    from serve.searchers import ShardSearcher
+
+    out, version, _ = random_index
+    cfg = ServeConfig(index="/x", request_timeout_s=30, poll_interval_s=5, swap_grace_s=3,
+                      shards_in_ingress=False)
+    assert cfg.retire_after_s == 30 + 2 * 5 + 3
+    monkeypatch.setattr(serve_app, "model_uri", lambda c: "/m")
+    monkeypatch.setattr(serve_app, "n_groups", lambda c: 1)
+    monkeypatch.setattr(serve_app, "shard_memory", lambda c, groups: [1000])
+    built = {d.name: d for d in serve_build(serve_app.build_app(cfg), name="t").deployments}
+    assert cfg.retire_after_s in built["ShardSearcher0"].init_args      # the searchers get it
+
+    root = tmp_path / "index"
+    shutil.copytree(out, root)
+    replica = ShardSearcher.func_or_class(str(root), 0, 1, 0, retire_after_s=cfg.retire_after_s)
+    _publish_copy(root, version, "v-new")
+    replica.group.load("v-new")
+    replica._served_since = ("v-new", time.monotonic() - 31)   # a 30 s request on the old one may still run
+    replica._retire("v-new")
+    assert replica.group.versions() == [version, "v-new"]
+    replica._served_since = ("v-new", time.monotonic() - cfg.retire_after_s - 1)
+    replica._retire("v-new")
+    assert replica.group.versions() == ["v-new"]
+    default = ShardSearcher.func_or_class(str(root), 0, 1, 0)     # the config's default, derived
+    assert default.grace_s == ServeConfig(index="/x", poll_interval_s=0).retire_after_s >= 30
