@@ -91,14 +91,19 @@ class LossConfig(_Strict):
     lambda2: float = Field(0.9, ge=0.0, le=100.0, description="Weight of the sparse terms.")
     q_reg: float = Field(3e-3, ge=0.0, le=10.0, description="Caption sparsity weight.")
     d_reg: float = Field(3e-3, ge=0.0, le=10.0, description="Image sparsity weight.")
-    regularizer: Literal["l1", "flops"] = "l1"
+    regularizer: Literal["l1", "flops"] = Field(
+        "l1", description="Sparsity regulariser of joint (q_reg, d_reg); d2s uses d2s_regularizer.")
     reg_warmup_fraction: float = Field(0.2, ge=0.0, le=1.0)
     detach_teacher: bool = True
     teacher_orientation: Literal["correct", "official"] = "correct"
     expansion_control: bool = Field(False, description="Expansion control in joint: off, as in the "
                                     "paper; on, captions train masked but test expanded (docs/sweep.md).")
     expansion_end_fraction: float = Field(0.95, gt=0.0, le=1.0)
-    d2s_l1: float = Field(1e-3, ge=0.0, le=10.0, description="L1 weight of the d2s baseline.")
+    d2s_l1: float = Field(1e-3, ge=0.0, le=10.0, description="Sparsity weight of the d2s baseline "
+                          "(captions and images; q_reg/d_reg are joint's).")
+    d2s_regularizer: Literal["l1", "flops"] = Field(
+        "l1", description="Sparsity regulariser of the d2s baseline (D2S: L1); 'regularizer' is "
+        "joint's, so the joint default can change without changing the baseline.")
     d2s_expansion_control: bool = Field(True, description="Expansion control in d2s (as in D2S).")
 
 
@@ -267,10 +272,10 @@ def _official(w1, w2, l1, l2, q_reg, d_reg, lr, backbone: dict) -> dict:
     return {
         "backbone": backbone,
         "loss": {"w1": w1, "w2": w2, "lambda1": l1, "lambda2": l2, "q_reg": q_reg, "d_reg": d_reg,
-                 "regularizer": "l1", "expansion_control": False, "detach_teacher": False,
+                 "regularizer": "l1", "d2s_regularizer": "l1", "expansion_control": False, "detach_teacher": False,
                  "teacher_orientation": "official"},
         "fusion": {"method": "raw", "normalize": None, "w1": None, "w2": None, "calibrate": False},
-        "selection": {"max_nnz": None},
+        "selection": {"max_nnz": None, "vectors": "uncapped"},
         "heads": {"topk_text": None, "topk_image": None},
         "optim": {"lr": lr, "method_lr": {}, "sparse_head_lr": None, "batch_size": 256,
                   "weight_decay": 0.05, "warmup_fraction": 0.2},

@@ -536,7 +536,8 @@ class Trainer:
         lm = self.loss_module
         if not hasattr(lm, "text_reg"):
             return None
-        return {"kind": self.cfg.loss.regularizer,
+        loss = self.cfg.loss
+        return {"kind": loss.d2s_regularizer if loss.method == "d2s" else loss.regularizer,
                 "text_weight": lm.text_reg.weight, "image_weight": lm.image_reg.weight,
                 "text_weight_now": lm.text_reg.weight_at(self.step),
                 "image_weight_now": lm.image_reg.weight_at(self.step),

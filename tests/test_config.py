@@ -36,7 +36,8 @@ def test_official_presets_reproduce_the_official_behaviour(name):
     cfg = C.preset(name)
     assert cfg.loss.detach_teacher is False and cfg.loss.teacher_orientation == "official"
     assert cfg.loss.expansion_control is False and cfg.loss.regularizer == "l1"
-    assert cfg.selection.max_nnz is None
+    assert cfg.loss.d2s_regularizer == "l1"
+    assert cfg.selection.max_nnz is None and cfg.selection.vectors == "uncapped"
     assert cfg.fusion.method == "raw" and cfg.fusion.calibrate is False and cfg.fusion.normalize is None
     assert cfg.fusion_weights() == (cfg.loss.w1, cfg.loss.w2)
     assert cfg.optim.method_lr == {} and cfg.optim.sparse_head_lr is None
@@ -49,7 +50,7 @@ def test_sdray_variants_keep_the_official_values_with_sdrays_choices(name):
         off.loss.model_dump(exclude={"detach_teacher", "teacher_orientation"})
     assert var.optim == off.optim and var.backbone == off.backbone
     assert var.loss.detach_teacher is True and var.loss.teacher_orientation == "correct"
-    assert var.selection.max_nnz == 256
+    assert var.selection.max_nnz == 256 and var.selection.vectors == "uncapped"
     assert var.fusion.method == "calibrated" and var.fusion.calibrate is True
 
 

@@ -578,7 +578,7 @@ def test_d2s_defaults_and_build_loss():
     class Cfg:
         method, w1, w2, lambda1, lambda2, q_reg, d_reg = "joint", 0.2, 0.5, 0.9, 0.3, 1e-5, 3e-5
         regularizer, reg_warmup_fraction, detach_teacher = "flops", 0.2, False
-        teacher_orientation, d2s_l1 = "official", 2e-3
+        teacher_orientation, d2s_l1, d2s_regularizer = "official", 2e-3, "l1"
 
     j = build_loss(Cfg, total_steps=50)
     assert isinstance(j, JointSelfDistillationLoss) and isinstance(j.text_reg, FlopsRegularizer)
@@ -586,6 +586,9 @@ def test_d2s_defaults_and_build_loss():
     Cfg.method = "d2s"
     d = build_loss(Cfg, total_steps=50)
     assert isinstance(d, D2SLoss) and d.text_reg.weight == 2e-3
+    assert isinstance(d.text_reg, L1Regularizer) and isinstance(d.image_reg, L1Regularizer)
+    Cfg.d2s_regularizer = "flops"
+    assert isinstance(build_loss(Cfg, total_steps=50).image_reg, FlopsRegularizer)
     Cfg.method = "dense"
     assert isinstance(build_loss(Cfg), DenseContrastiveLoss)
 

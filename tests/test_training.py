@@ -72,7 +72,7 @@ def module_reference(cfg, heads, batch, step, txt_mask=None):
     if lc.method == "dense":
         return DenseContrastiveLoss()(d_i, d_t, heads.tau, pos)[0]
     if lc.method == "d2s":
-        return D2SLoss(lc.d2s_l1, lc.d2s_l1, total_steps=total, regularizer=lc.regularizer)(
+        return D2SLoss(lc.d2s_l1, lc.d2s_l1, total_steps=total, regularizer=lc.d2s_regularizer)(
             d_i.detach(), d_t.detach(), z_i, z_t, heads.tau.detach(), txt_mask=txt_mask, step=step)[0]
     return JointSelfDistillationLoss(lc.w1, lc.w2, lc.lambda1, lc.lambda2, lc.q_reg, lc.d_reg,
                                      total_steps=total, regularizer=lc.regularizer,
@@ -111,6 +111,26 @@ def test_trainer_loss_and_gradients_equal_the_loss_module(method, opts):
     assert got.keys() == expect.keys() and got
     for n in got:
         torch.testing.assert_close(got[n], expect[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_d2s_keeps_its_l1_baseline_whatever_joint_regularises_with():
+    """d2s under the default config trains with today's explicit settings (L1, weight
+    ``d2s_l1 = 1e-3``), and joint's regulariser and weights do not reach it."""
+    batch = make_batch(8)
+
+    def d2s_loss(loss: dict) -> tuple[torch.Tensor, dict]:
+        cfg = from_dict({"loss": {"method": "d2s", "d2s_expansion_control": False, **loss}})
+        trainer = Trainer(cfg, make_heads(), total_steps=20)
+        return trainer.compute_loss(batch, step=5)[0], trainer.state()[1]["regularizer"]
+
+    default, state = d2s_loss({})
+    assert state["kind"] == "l1" and state["text_weight"] == state["image_weight"] == 1e-3
+    explicit, _ = d2s_loss({"d2s_regularizer": "l1", "d2s_l1": 1e-3})
+    joint_changed, _ = d2s_loss({"regularizer": "flops", "q_reg": 2e-2, "d_reg": 2e-2})
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    torch.testing.assert_close(default, joint_changed, rtol=0, atol=0)
+    flops, flops_state = d2s_loss({"d2s_regularizer": "flops"})
+    assert flops_state["kind"] == "flops" and not torch.equal(default, flops)
 
 
 def test_trainable_parameters_per_method():

@@ -64,7 +64,7 @@ def build_loss(cfg, total_steps: int | None = None):
     """The loss module of a ``sdray.config.LossConfig`` (duck-typed: any object with its fields).
 
     ``method="dense"`` → :class:`DenseContrastiveLoss`; ``"d2s"`` → :class:`D2SLoss` with
-    ``q_reg = d_reg = cfg.d2s_l1``; ``"joint"`` → :class:`JointSelfDistillationLoss`.
+    ``q_reg = d_reg = cfg.d2s_l1`` and ``cfg.d2s_regularizer``; ``"joint"`` → :class:`JointSelfDistillationLoss`.
     Expansion control is built separately (:class:`ExpansionControl`), as it needs the
     vocabulary size.
     """
@@ -77,7 +77,7 @@ def build_loss(cfg, total_steps: int | None = None):
             d_reg=cfg.d2s_l1,
             total_steps=total_steps,
             warmup_fraction=cfg.reg_warmup_fraction,
-            regularizer=cfg.regularizer,
+            regularizer=cfg.d2s_regularizer,
         )
     if method == "joint":
         return JointSelfDistillationLoss(
