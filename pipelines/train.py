@@ -649,7 +649,7 @@ def main(args: argparse.Namespace) -> int:
     from sdray.evaluation import format_table
 
     summary = run(args)
-    print(f"{_tag(cfg)} done in {summary['seconds']:.0f}s; model at {summary['model']} "
+    print(f"[sdray train {summary['method']}] done in {summary['seconds']:.0f}s; model at {summary['model']} "
           f"(kept {summary['kept_from']}, epoch {summary['selection']['best_epoch']}, "
           f"{summary['selection']['metric']} within nnz {summary['selection']['max_nnz']})")
     if summary.get("val"):
