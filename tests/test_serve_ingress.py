@@ -258,9 +258,16 @@ def test_thumbnails_on_s3_read_one_image_not_the_shard(s3_server, tmp_path, monk
         images._FOOTERS.clear()
 
         def served(ing, doc_id):
-            before = proxy.bytes_served
-            resp = asyncio.run(ing.image(doc_id, _request("GET", f"/v1/images/{doc_id}"), 64))
-            return resp, proxy.bytes_served - before
+            """The 64 px answer and the fewest bytes the store sent for one read of the image
+            (two reads, 64 and 72 px, each past the thumbnail cache): a thread of an earlier
+            test's replica reading through the same endpoint can land in one window, not both."""
+            counts, resp = [], None
+            for size in (64, 72):
+                before = proxy.bytes_served
+                answer = asyncio.run(ing.image(doc_id, _request("GET", f"/v1/images/{doc_id}"), size))
+                counts.append(proxy.bytes_served - before)
+                resp = resp or answer
+            return resp, min(counts)
 
         # Parquet: after the footer is known, one row group's image and key columns
         ing = _ingress(pq_demo)
