@@ -60,6 +60,7 @@ class FaultProxy:
         self._resets = 0
         self._stalls = 0
         self._slowdown_until = 0.0
+        self._slowdowns = 0
         self._down = False
         self._open: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -84,9 +85,12 @@ class FaultProxy:
             self._stalls += n
         self._reset_open()
 
-    def answer_503(self, seconds: float) -> None:
+    def answer_503(self, seconds: float, at_least: int = 0) -> None:
+        """HTTP 503 SlowDown to every request for ``seconds``, and in any case to the next
+        ``at_least`` requests (after pending resets and stalls), however late they come."""
         with self._lock:
             self._slowdown_until = time.monotonic() + seconds
+            self._slowdowns += at_least
         self._reset_open()
 
     def down(self) -> None:
@@ -122,6 +126,7 @@ class FaultProxy:
         with self._lock:
             self._resets = self._stalls = 0
             self._slowdown_until = 0.0
+            self._slowdowns = 0
 
     # ------------------------------------------------------------------ machinery
 
@@ -158,6 +163,9 @@ class FaultProxy:
             if self._stalls:
                 self._stalls -= 1
                 return "stall"
+            if self._slowdowns:
+                self._slowdowns -= 1
+                return "503"
             if time.monotonic() < self._slowdown_until:
                 return "503"
         return None
