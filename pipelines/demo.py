@@ -98,9 +98,10 @@ class Stages:
         return result
 
     def run_together(self, stages: list[tuple[str, str, list[str], Callable[[int], Any]]],
-                     cpus: int) -> list[Any]:
+                     cpus: int, side_by_side: bool = True) -> list[Any]:
         """Run independent stages side by side, each ``fn(cpus_share)`` on an equal share of
-        ``cpus``; a stage that can be reused is, and a single stage left to run gets every CPU.
+        ``cpus``; a stage that can be reused is, and a single stage left to run gets every CPU
+        (as does each stage with ``side_by_side=False``: one after the other).
 
         Two trainings of one worker each keep two cores busier than one training of two threads
         (the data loading, validation and Ray Train's start-up of one overlap the other's steps),
@@ -112,7 +113,7 @@ class Stages:
         todo = [(stage, prog) for stage, prog in zip(stages, progs)
                 if not self._reuse(stage[0], stage[1], stage[2], prog)]
         share = max(1, cpus // max(1, len(todo)))
-        if len(todo) > 1 and cpus >= len(todo):
+        if side_by_side and len(todo) > 1 and cpus >= len(todo):
             with ThreadPoolExecutor(len(todo)) as pool:
                 futures = [pool.submit(self._execute, name, fp, outputs, lambda fn=fn: fn(share), prog)
                            for (name, fp, outputs, fn), prog in todo]
@@ -408,11 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fp_train[m] = _fp(base, m, METHOD_SETS[m], fp_train["dense"])
             students.append((f"train_{m}", fp_train[m], [os.path.join(work, "models", m)],
                              lambda cpus, m=m: _train(work, m, s, args.set, cpus)))
-        if args.sequential:
-            for name, fp, outputs, fn in students:
-                st.run(name, fp, outputs, lambda fn=fn: fn(s["cpus"]))
-        else:
-            st.run_together(students, s["cpus"])
+        st.run_together(students, s["cpus"], side_by_side=not args.sequential)
 
         def do_eval():
             from pipelines.evaluate import evaluate_uri
