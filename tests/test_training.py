@@ -317,6 +317,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str):
                 out = {f"grad.{n}": p.grad.clone() for n, p in t.heads.named_parameters() if p.grad is not None}
                 out["loss"] = logs["loss"].reshape(1).clone()
                 save_file(out, os.path.join(out_dir, f"case{i}.safetensors"))
+        dist.barrier()   # both ranks done before teardown (CI saw a rank abort in gloo's exit)
     finally:
         dist.destroy_process_group()
 
