@@ -27,6 +27,7 @@ Consumers may add Ray's ``local_shuffle_buffer_size`` when iterating.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 from typing import Any, Iterator
@@ -46,23 +47,49 @@ RAW_COLUMNS = ("sample_id", "image_id", "caption", "image", "key", "url", "image
 
 # ----------------------------------------------------------------------------- Ray setup
 
+#: Ray loggers that, on a local Ray without the dashboard, only repeat that the state API is absent:
+#: Ray Train's PlacementGroupCleaner asks for the controller's state about once a second and warns
+#: each time it cannot, for the whole of every training run.
+STATE_API_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_state_api_warnings() -> None:
+    """Worker setup hook (``runtime_env["worker_process_setup_hook"]``) for sdray's local Ray.
+
+    Raises the :data:`STATE_API_NOISE` loggers to ERROR; every other Ray warning still shows.
+    """
+    for name in STATE_API_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def ray_init_kwargs(address: str | None) -> dict[str, Any]:
+    """``ray.init`` keywords: no dashboard, the S3 settings for workers, and on a local Ray
+    (no ``address``) the :func:`quiet_state_api_warnings` hook."""
+    runtime_env: dict[str, Any] = {}
+    env = storage.s3_env()
+    if env:
+        runtime_env["env_vars"] = env
+    if not address:
+        runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_state_api_warnings"
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    return kwargs
+
+
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
-    """``ray.init`` once, passing the S3 settings to workers (``runtime_env`` env vars)."""
+    """``ray.init`` once with :func:`ray_init_kwargs`; ``address`` (or ``RAY_ADDRESS``) joins a cluster."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    env = storage.s3_env()
-    if env:
-        kwargs["runtime_env"] = {"env_vars": env}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, **ray_init_kwargs(address))
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        ray.init(num_cpus=num_cpus, **ray_init_kwargs(None))
 
 
 # ----------------------------------------------------------------------------- skip counts

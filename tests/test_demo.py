@@ -153,7 +153,7 @@ def _sdray() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "pipelines.cli"]
 
 
-def _run_demo(workdir: Path, *extra: str, timeout: float = 1500) -> tuple[dict, str]:
+def _run_demo(workdir: Path, *extra: str, timeout: float = 1500) -> tuple[dict, str, str]:
     # a clean environment for the embedded defaults: no cluster address, no S3 settings that a
     # session fixture may have exported
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
@@ -163,13 +163,13 @@ def _run_demo(workdir: Path, *extra: str, timeout: float = 1500) -> tuple[dict, 
                           capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     last = proc.stdout.strip().splitlines()[-1]
-    return json.loads(last), proc.stdout
+    return json.loads(last), proc.stdout, proc.stderr
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path):
     work = tmp_path / "demo"
-    out, stdout = _run_demo(work)
+    out, stdout, stderr = _run_demo(work)
 
     # --json: one eval object per method, the DESIGN §4 shape, fractions in [0, 1]
     assert set(out["methods"]) == {"dense", "d2s", "joint"}
@@ -186,6 +186,9 @@ def test_demo_end_to_end_small(tmp_path):
         assert out["timings"][stage] >= 0, stage
     assert out["ran"] == [*STAGES, "serve"] and out["reused"] == []
     assert out["together"] == [["train_d2s", "train_joint"]]
+    # the local Ray has no dashboard: Ray Train's once-a-second state-API warning is silenced
+    assert "[sdray train joint]" in stderr
+    assert "Failed to query Ray Train Controller" not in stderr
 
     # the table on stdout, the report and its plots
     assert "method" in stdout and "hybrid" in stdout and "MRR@10" in stdout
@@ -230,7 +233,7 @@ def test_demo_end_to_end_small(tmp_path):
     assert all(loc for m in metas for loc in m["image_loc"])
 
     # same workdir again: every finished stage is reused, nothing recomputed
-    again, _ = _run_demo(work, "--no-serve")
+    again, _, _ = _run_demo(work, "--no-serve")
     assert again["reused"] == list(STAGES) and again["ran"] == []
     assert again["methods"] == out["methods"]
     assert again["timings"]["train_joint"] == pytest.approx(out["timings"]["train_joint"], abs=0.01)
