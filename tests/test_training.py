@@ -519,3 +519,17 @@ def test_selection_can_judge_the_served_vectors():
     assert runs["served"]["selected"]
     with pytest.raises(Exception):
         from_dict({"selection": {"vectors": "capped"}})
+
+
+def test_density_counts_the_positive_entries_of_a_relu_output():
+    """The kernels choose their path by ``_density``: the fraction of non-zeros, here of a relu'd
+    batch of logits (about half positive) and of a sparse one (5 per row)."""
+    from sdray.training import _density
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(64, 1000, generator=g).relu_()
+    sparse = torch.zeros(64, 1000)
+    sparse[:, :5] = torch.rand(64, 5, generator=g) + 0.1
+    for x in (dense, sparse, torch.zeros(3, 7)):
+        assert _density(x) == pytest.approx(int(torch.count_nonzero(x)) / x.numel())
+    assert _density(sparse) == pytest.approx(0.005)
