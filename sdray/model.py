@@ -121,16 +121,21 @@ def build_heads(cfg: SdrayConfig, backbone: Backbone) -> RetrieverHeads:
 
 
 def _heads_like(cfg: SdrayConfig, state: dict[str, torch.Tensor]) -> RetrieverHeads:
-    """Empty heads shaped after a saved state dict (no backbone needed)."""
+    """Empty heads shaped after a saved state dict (no backbone needed).
+
+    The modules' initial draws, which ``state`` then replaces, are taken under
+    :func:`sdray.rng.seeded` so that they never land inside another thread's seeded construction.
+    """
     tw, vw = state["text_proj.linear.weight"], state["vision_proj.linear.weight"]
     emb = state["sparse.vocab_projector.weight"]
-    heads = RetrieverHeads(
-        torch.nn.Linear(tw.shape[1], tw.shape[0], bias="text_proj.linear.bias" in state),
-        torch.nn.Linear(vw.shape[1], vw.shape[0], bias="vision_proj.linear.bias" in state),
-        torch.zeros_like(emb),
-        tau_range=(cfg.heads.tau_min, cfg.heads.tau_max),
-        topk=(cfg.heads.topk_text, cfg.heads.topk_image),
-    )
+    with seeded(0):
+        heads = RetrieverHeads(
+            torch.nn.Linear(tw.shape[1], tw.shape[0], bias="text_proj.linear.bias" in state),
+            torch.nn.Linear(vw.shape[1], vw.shape[0], bias="vision_proj.linear.bias" in state),
+            torch.zeros_like(emb),
+            tau_range=(cfg.heads.tau_min, cfg.heads.tau_max),
+            topk=(cfg.heads.topk_text, cfg.heads.topk_image),
+        )
     heads.load_state_dict(state)
     return heads
 

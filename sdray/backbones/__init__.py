@@ -1,6 +1,7 @@
 """Frozen vision-language backbones behind one interface (DESIGN.md §1, §5).
 
 >>> from sdray.config import BackboneConfig
+from sdray.rng import seeded
 >>> backbone = load_backbone(BackboneConfig())            # packaged MiniLM-L6 + EfficientNet-Lite0
 >>> pre = backbone.preprocessor                            # or load_preprocessor(cfg): no weights
 >>> batch = pre.texts(["a red bus"])                       # input_ids, attention_mask (1, 32)
@@ -38,12 +39,17 @@ def load_backbone(cfg: BackboneConfig, proj_dim: int | None = None, seed: int = 
             (default 256). HF models keep their own projections, so ``None`` or their own size;
             any other value raises ``ValueError`` rather than silently disagreeing.
         seed: seeds the packaged backbone's fresh projections.
+
+    The towers' modules draw initial weights from torch's global RNG before their saved weights
+    replace them, so the whole construction runs under :func:`sdray.rng.seeded`: its draws can
+    never land inside another thread's seeded construction (the demo loads two at once).
     """
-    if cfg.name == "packaged":
-        from sdray.backbones.packaged import PackagedBackbone
-        return PackagedBackbone(cfg, proj_dim=256 if proj_dim is None else proj_dim, seed=seed)
-    from sdray.backbones.hf import HFBackbone
-    backbone = HFBackbone(cfg)
+    with seeded(seed):
+        if cfg.name == "packaged":
+            from sdray.backbones.packaged import PackagedBackbone
+            return PackagedBackbone(cfg, proj_dim=256 if proj_dim is None else proj_dim, seed=seed)
+        from sdray.backbones.hf import HFBackbone
+        backbone = HFBackbone(cfg)
     if proj_dim is not None and proj_dim != backbone.proj_dim:
         raise ValueError(f"{cfg.name} backbone '{cfg.path}' projects to {backbone.proj_dim} "
                          f"dimensions, not {proj_dim}; set heads.dense_dim={backbone.proj_dim}")
