@@ -1,7 +1,6 @@
 """Frozen vision-language backbones behind one interface (DESIGN.md §1, §5).
 
 >>> from sdray.config import BackboneConfig
-from sdray.rng import seeded
 >>> backbone = load_backbone(BackboneConfig())            # packaged MiniLM-L6 + EfficientNet-Lite0
 >>> pre = backbone.preprocessor                            # or load_preprocessor(cfg): no weights
 >>> batch = pre.texts(["a red bus"])                       # input_ids, attention_mask (1, 32)
@@ -17,6 +16,7 @@ from __future__ import annotations
 from sdray.backbones.base import Backbone, Preprocessor
 from sdray.backbones.tiny import save_tiny
 from sdray.config import BackboneConfig
+from sdray.rng import seeded
 
 __all__ = ["Backbone", "Preprocessor", "load_backbone", "load_preprocessor", "save_tiny"]
 
