@@ -32,7 +32,9 @@ serve it (soft labels). Two honest setups, each against its own fixed-weight bas
   fixed ``W2_FINE`` weight on the training folds. This is the most optimistic honest setup: labels
   from the same distribution as the queries scored.
 
-Also printed: the joint model's dense, the per-query oracle over the router's grid and over
+Also printed: the joint model's dense, the router fitted and scored on the eval split's own
+queries (``C = 1``; a diagnostic of how far these features and this model can separate the
+queries at all, labels leaking — never a result), the per-query oracle over the router's grid and over
 ``W2_FINE``. Figures are t2i R@1 and t2i R@1+R@5+R@10 ("t2i RSUM", of 300), percent, mean ± std
 over the runs' seeds (pessimistic ties, as :mod:`sdray.metrics`).
 """
@@ -249,6 +251,10 @@ def measure(runs_path: str, row: dict, val_data: dict, test_data: dict, grid, fo
            "dense": figures(test, np.zeros(n)),
            "oracle_grid": {"r1": float(grid_hits(test, grid).any(0).mean())},
            "oracle_fine": {"r1": hits_per_weight(test["dense"], test["sparse"], test["relevant"]).any(0).float().mean().item()}}
+    test_hits = grid_hits(test, grid)
+    for fs in FEATURE_SETS:  # diagnostic: fit and score on the same queries (labels leak)
+        choice = Router(1.0).fit(query_features(test, tau, fs), test_hits).route(query_features(test, tau, fs))
+        out[f"router_in_{fs}"] = figures(test, np.asarray(grid)[choice])
     out.update(setup_val(val, test, tau, grid, row["seed"]))
     out.update(setup_cv(test, tau, grid, row["seed"], folds, repeats))
     return out
@@ -257,6 +263,8 @@ def measure(runs_path: str, row: dict, val_data: dict, test_data: dict, grid, fo
 COLUMNS = (("dense", "joint dense"), ("fixed_a", "fixed w2 (val)"), ("router_a_shape", "router (a) shape"),
            ("router_a_content", "router (a) +content"), ("fixed_b", "fixed w2 (CV folds)"),
            ("router_b_shape", "router (b) shape"), ("router_b_content", "router (b) +content"),
+           ("router_in_shape", "router in-sample shape (diag.)"),
+           ("router_in_content", "router in-sample +content (diag.)"),
            ("oracle_grid", "oracle (router grid)"), ("oracle_fine", "oracle (fine grid)"))
 
 

@@ -85,7 +85,7 @@ def test_measure_orders_figures_under_the_oracle(tmp_path):
     row = router_lib.load_runs(runs, ["joint-x"])[0]
     out = router_lib.measure(runs, row, val, test, router_lib.GRID, folds=3, repeats=1)
     for key in ("dense", "fixed_a", "router_a_shape", "router_a_content", "fixed_b", "router_b_shape",
-                "router_b_content"):
+                "router_b_content", "router_in_shape", "router_in_content"):
         assert out[key]["r1"] <= out["oracle_grid"]["r1"] + 1e-12
     assert out["oracle_grid"]["r1"] <= out["oracle_fine"]["r1"] + 1e-12
     from sdray import config as config_lib
