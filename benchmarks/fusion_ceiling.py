@@ -44,9 +44,12 @@ from sweep import mean_std
 W2_FINE = (0.0, *np.logspace(-4, 4, 161).tolist())
 
 
-def t2i_scores(heads, data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(cos/τ, sparse, relevant)``, each ``(n_texts, n_images)``: queries are the split's unique
-    captions, items its unique images; only captions with a relevant image are kept."""
+def t2i_queries(heads, data: dict) -> dict[str, torch.Tensor]:
+    """The split's text→image queries, only captions with a relevant image kept (``keep``, a
+    bool mask over the unique captions): ``dense`` (``cos/τ``), ``sparse`` and ``relevant``, each
+    ``(n_queries, n_images)``, and the kept captions' own ``text_dense`` ``(n_queries, D)``;
+    ``text_sparse`` is the CSR ``(n_unique_captions, V)`` of every unique caption (select rows
+    with ``keep``)."""
     image_rows, text_rows, pairs = dedupe(list(data["image_id"]), [str(c) for c in data["caption"]])
     txt_dense, txt_sparse = encode(heads, np.asarray(data["text_features"], np.float32)[text_rows], "text")
     img_dense, img_sparse = encode(heads, np.asarray(data["image_features"], np.float32)[image_rows], "image")
@@ -54,7 +57,15 @@ def t2i_scores(heads, data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     dense = (txt_dense @ img_dense.T).double() / head_tau(heads)
     sparse = sparse_scores(img_sparse, txt_sparse).double().T
     keep = relevant.any(1)
-    return dense[keep], sparse[keep], relevant[keep]
+    return {"dense": dense[keep], "sparse": sparse[keep], "relevant": relevant[keep], "keep": keep,
+            "text_dense": txt_dense[keep], "text_sparse": txt_sparse}
+
+
+def t2i_scores(heads, data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(cos/τ, sparse, relevant)``, each ``(n_texts, n_images)``: queries are the split's unique
+    captions, items its unique images; only captions with a relevant image are kept."""
+    q = t2i_queries(heads, data)
+    return q["dense"], q["sparse"], q["relevant"]
 
 
 def top1_hits(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
