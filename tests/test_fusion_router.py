@@ -12,8 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-router_lib = pytest.importorskip("fusion_router")
-pytest.importorskip("sklearn")
+import fusion_router as router_lib  # noqa: E402
 
 from tests.data_fixtures import repeated_feature_split, saved_sweep_run  # noqa: E402
 
