@@ -105,12 +105,9 @@ def test_demo_flags_and_sizes():
     args = p.parse_args(["--workdir", "w", "--json", "--size", "small", "--epochs", "3"])
     s = demo.settings(args)
     assert s["epochs"] == 3 and s["n"] == demo.SIZES["small"]["n"]
-    assert [demo.epochs_of(s, m) for m in demo.METHODS] == [3, 3, 3]
     assert args.json and args.workdir == "w"
     full = demo.settings(p.parse_args([]))
     assert full == {**demo.SIZES["full"], "seed": 0, "data_image_size": 128, "cpus": full["cpus"]}
-    # joint stops where its curve flattens; the d2s baseline keeps more epochs, not fewer
-    assert demo.epochs_of(full, "joint") < demo.epochs_of(full, "d2s")
     from pipelines.cli import SUBCOMMANDS
 
     assert SUBCOMMANDS["demo"][0] == "pipelines.demo"
