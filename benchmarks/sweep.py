@@ -107,6 +107,9 @@ SETTINGS: dict[str, tuple[str, str | None, dict]] = {
     # a stronger FLOPS weight, to push generated-data vectors below the 256-term cap
     "joint-flops-5e-2-served": ("joint", "dense", {"loss.regularizer": "flops", "loss.q_reg": 5e-2,
                                                    "loss.d_reg": 5e-2, "selection.vectors": "served"}),
+    # stronger still: 5e-2 left generated-data vectors at ~340-350 terms uncapped, all cut by the cap
+    "joint-flops-1e-1-served": ("joint", "dense", {"loss.regularizer": "flops", "loss.q_reg": 1e-1,
+                                                   "loss.d_reg": 1e-1, "selection.vectors": "served"}),
     # a weaker L1 for a stronger sparse side, its length capped by top-k pruning at the nnz budget
     "joint-reg1e-3-top256": ("joint", "dense", {"loss.q_reg": 1e-3, "loss.d_reg": 1e-3,
                                                 "heads.topk_text": 256, "heads.topk_image": 256}),
