@@ -128,3 +128,22 @@ def test_sparse_head_fields_validate():
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(C.ConfigError, match="blip-coco"):
         C.preset("nope")
+
+
+def test_real_images_preset_trains_the_swept_flops_setting():
+    """``real-images`` is what docs/sweep.md measured as ``joint-flops-1e-1-served``, and only
+    the sparsity regulariser and the selection differ from the defaults."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import sweep
+
+    method, _, overrides = sweep.SETTINGS["joint-flops-1e-1-served"]
+    swept = C.with_overrides(C.SdrayConfig(), {**overrides, "loss.method": method})
+    real = C.with_overrides(C.preset("real-images"), {"loss.method": method})
+    assert real == swept
+    default = C.preset("default").model_dump()
+    changed = {(section, key) for section, fields in real.model_dump().items() if isinstance(fields, dict)
+               for key, value in fields.items() if default[section][key] != value}
+    assert changed == {("loss", "regularizer"), ("loss", "q_reg"), ("loss", "d_reg"), ("selection", "vectors")}
