@@ -27,14 +27,12 @@ Prints a markdown table of mean ± std over the runs' seeds (percent).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import numpy as np
 import torch
 
-from hybrid_levers import heads_of, load_runs  # benchmarks/ is the script's folder
+from hybrid_levers import heads_of, load_saved_runs, saved_runs_parser  # benchmarks/ is the script's folder
 from sdray import config as config_lib
 from sdray.evaluation import dedupe, encode, head_tau, sparse_scores
 from sdray.fusion import _zscore
@@ -128,22 +126,12 @@ def table(results: list[tuple[str, int, dict]]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--features", required=True, help="featurize output with val/ and the eval split")
-    p.add_argument("--runs", required=True, help="benchmarks/sweep.py --out file (rows with --eval-split)")
-    p.add_argument("--only", nargs="+", required=True, help="setting names")
-    p.add_argument("--split", default="test")
-    p.add_argument("--threads", type=int, default=2)
+    p = saved_runs_parser(__doc__.splitlines()[0])
     args = p.parse_args(argv)
-    from pipelines.evaluate import read_feature_columns
-
-    torch.set_num_threads(args.threads)
-    val = read_feature_columns(os.path.join(args.features, "val"))
-    test = read_feature_columns(os.path.join(args.features, args.split))
-    rows = load_runs(args.runs, args.only)
-    if not rows:
-        print(f"no runs of {args.only} with an eval split in {args.runs}", file=sys.stderr)
+    loaded = load_saved_runs(args, "val", "eval")
+    if loaded is None:
         return 2
+    rows, val, test = loaded
     results = [(row["name"], row["seed"], measure(args.runs, row, val, test)) for row in rows]
     print(table(results))
     return 0

@@ -41,16 +41,14 @@ over the runs' seeds (pessimistic ties, as :mod:`sdray.metrics`).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 
 import numpy as np
 import torch
 
 from fusion_ceiling import W2_FINE, hits_per_weight, t2i_queries, top1_hits  # benchmarks/ is the script's folder
-from hybrid_levers import by_setting, heads_of, load_runs
+from hybrid_levers import by_setting, heads_of, load_saved_runs, saved_runs_parser
 from sdray import config as config_lib
 from sdray.evaluation import head_tau
 from sdray.metrics import ranking_metrics
@@ -290,26 +288,16 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--features", required=True, help="featurize output with val/ and the eval split")
-    p.add_argument("--runs", required=True, help="benchmarks/sweep.py --out file (rows with --eval-split)")
-    p.add_argument("--only", nargs="+", required=True, help="setting names")
-    p.add_argument("--split", default="test")
+    p = saved_runs_parser(__doc__.splitlines()[0])
     p.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="the router's sparse weights")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true", help="also print every run's figures as JSON lines")
     args = p.parse_args(argv)
-    from pipelines.evaluate import read_feature_columns
-
-    torch.set_num_threads(args.threads)
-    val = read_feature_columns(os.path.join(args.features, "val"))
-    test = read_feature_columns(os.path.join(args.features, args.split))
-    rows = load_runs(args.runs, args.only)
-    if not rows:
-        print(f"no runs of {args.only} with an eval split in {args.runs}", file=sys.stderr)
+    loaded = load_saved_runs(args, "val", "eval")
+    if loaded is None:
         return 2
+    rows, val, test = loaded
     results = []
     for row in rows:
         results.append(measure(args.runs, row, val, test, args.grid, args.folds, args.repeats))

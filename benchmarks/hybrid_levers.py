@@ -47,6 +47,32 @@ def load_runs(path: str, names: list[str]) -> list[dict]:
     return [rows[k] for k in sorted(rows, key=lambda k: (names.index(k[0]), k[2]))]
 
 
+def saved_runs_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the arguments every benchmark over saved sweep heads takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--features", required=True, help="featurize output with val/ and the eval split")
+    p.add_argument("--runs", required=True, help="benchmarks/sweep.py --out file (rows with --eval-split)")
+    p.add_argument("--only", nargs="+", required=True, help="setting names")
+    p.add_argument("--split", default="test", help="the eval split")
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def load_saved_runs(args: argparse.Namespace, *splits: str) -> tuple | None:
+    """``(rows, columns of each of splits...)`` for a :func:`saved_runs_parser` namespace, torch on
+    ``--threads``; a split is ``"val"`` or ``"eval"`` (``--split``). None, after saying why, when
+    ``--runs`` has no row of ``--only``."""
+    from pipelines.evaluate import read_feature_columns
+
+    torch.set_num_threads(args.threads)
+    rows = load_runs(args.runs, args.only)
+    if not rows:
+        print(f"no runs of {args.only} with an eval split in {args.runs}", file=sys.stderr)
+        return None
+    return (rows, *(read_feature_columns(os.path.join(args.features, args.split if s == "eval" else s))
+                    for s in splits))
+
+
 def by_setting(results: list[dict]) -> dict[str, list[dict]]:
     """Per-seed results grouped by setting name, in the order first seen."""
     by: dict[str, list[dict]] = {}
@@ -166,24 +192,15 @@ def tables(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--features", required=True, help="featurize output with the eval split")
-    p.add_argument("--runs", required=True, help="benchmarks/sweep.py --out file (rows with --eval-split)")
-    p.add_argument("--only", nargs="+", required=True, help="setting names")
-    p.add_argument("--split", default="test")
+    p = saved_runs_parser(__doc__.splitlines()[0])
     p.add_argument("--depths", type=int, nargs="*", default=[10, 25, 50, 100])
     p.add_argument("--topk", type=int, nargs="*", default=[128, 64, 32])
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true", help="also print every run's figures as JSON lines")
     args = p.parse_args(argv)
-    from pipelines.evaluate import read_feature_columns
-
-    torch.set_num_threads(args.threads)
-    data = read_feature_columns(os.path.join(args.features, args.split))
-    rows = load_runs(args.runs, args.only)
-    if not rows:
-        print(f"no runs of {args.only} with an eval split in {args.runs}", file=sys.stderr)
+    loaded = load_saved_runs(args, "eval")
+    if loaded is None:
         return 2
+    rows, data = loaded
     results = []
     for row in rows:
         results.append(measure(args.runs, row, data, args.depths, args.topk))

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 adaptive = pytest.importorskip("adaptive_fusion")
+from hybrid_levers import load_runs  # noqa: E402
 
 from tests.data_fixtures import repeated_feature_split, saved_sweep_run  # noqa: E402
 
@@ -23,7 +24,7 @@ def test_fixed_rows_agree_with_evaluation_and_choices_stay_in_their_family(tmp_p
     saved_sweep_run(runs)
     rng = np.random.default_rng(0)
     val, test = repeated_feature_split(rng, 30, 40, 50), repeated_feature_split(rng, 60, 75, 90)
-    row = adaptive.load_runs(runs, ["joint-x"])[0]
+    row = load_runs(runs, ["joint-x"])[0]
     out = adaptive.measure(runs, row, val, test, [0.5], [0.0, 1.0], [0.0, 5.0], [None])
     cfg = config_lib.SdrayConfig()
     heads = adaptive.heads_of(runs, row, cfg)

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 ceiling = pytest.importorskip("fusion_ceiling")
+from hybrid_levers import load_runs  # noqa: E402
 
 from tests.data_fixtures import repeated_feature_split, saved_sweep_run  # noqa: E402
 
@@ -46,7 +47,7 @@ def test_figures_agree_with_evaluation_and_form_a_ceiling(run):
     from sdray.evaluation import evaluate_features, head_tau
 
     runs, val, test = run
-    row = ceiling.load_runs(runs, ["joint-x"])[0]
+    row = load_runs(runs, ["joint-x"])[0]
     out = ceiling.measure(runs, row, val, test)
     cfg = config_lib.SdrayConfig()
     heads = ceiling.heads_of(runs, row, cfg)

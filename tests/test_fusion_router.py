@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import fusion_router as router_lib  # noqa: E402
+from hybrid_levers import load_runs  # noqa: E402
 
 from tests.data_fixtures import repeated_feature_split, saved_sweep_run  # noqa: E402
 
@@ -81,7 +82,7 @@ def test_measure_orders_figures_under_the_oracle(tmp_path):
     saved_sweep_run(runs)
     rng = np.random.default_rng(0)
     val, test = repeated_feature_split(rng, 60, 80, 120), repeated_feature_split(rng, 80, 100, 150)
-    row = router_lib.load_runs(runs, ["joint-x"])[0]
+    row = load_runs(runs, ["joint-x"])[0]
     out = router_lib.measure(runs, row, val, test, router_lib.GRID, folds=3, repeats=1)
     for key in ("dense", "fixed_a", "router_a_shape", "router_a_content", "fixed_b", "router_b_shape",
                 "router_b_content", "router_in_shape", "router_in_content"):

@@ -36,3 +36,19 @@ def test_full_depth_equals_brute_force_and_shallow_depth_never_helps(run):
     assert max(out["topk"][4]["nnz"]) <= 4
     table = levers.tables([out])
     assert "| joint-x | 1 | brute force |" in table and "| joint-x | 1 | 4 |" in table
+
+
+def test_the_saved_runs_parser_and_loader_refuse_a_setting_without_runs(tmp_path, capsys):
+    import torch
+
+    runs = str(tmp_path / "runs.jsonl")
+    saved_sweep_run(runs)
+    args = levers.saved_runs_parser("x").parse_args(
+        ["--features", str(tmp_path), "--runs", runs, "--only", "nope", "--threads", "1"])
+    assert (args.split, args.threads, args.only) == ("test", 1, ["nope"])
+    threads = torch.get_num_threads()
+    try:
+        assert levers.load_saved_runs(args, "val", "eval") is None
+    finally:
+        torch.set_num_threads(threads)
+    assert "no runs of ['nope']" in capsys.readouterr().err

@@ -15,6 +15,14 @@ def _reference(seed: int) -> torch.Tensor:
     return torch.rand(6, generator=g)
 
 
+def _run_together(*targets) -> None:
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+
+
 def test_a_thread_seeding_meanwhile_does_not_change_the_draws():
     first_drew, second_inside = threading.Event(), threading.Event()
     got: dict[str, torch.Tensor] = {}
@@ -33,11 +41,7 @@ def test_a_thread_seeding_meanwhile_does_not_change_the_draws():
             time.sleep(0.3)
             got["second"] = torch.rand(6)
 
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    _run_together(first, second)
     assert torch.equal(got["first"], _reference(0))
     assert torch.equal(got["second"], _reference(1))
 
@@ -75,10 +79,6 @@ def test_loading_saved_heads_meanwhile_does_not_change_the_draws():
         got["loaded"] = heads.sparse.transform.weight.detach().clone()
         loaded.set()
 
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    _run_together(first, second)
     assert torch.equal(got["first"], _reference(0))
     assert torch.equal(got["loaded"], state["sparse.transform.weight"])
