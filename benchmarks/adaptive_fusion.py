@@ -28,13 +28,12 @@ std over seeds (percent): RSUM and t2i R@1 on the eval split, with the model's d
 
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
 import torch
 
-from hybrid_levers import by_setting, heads_of, load_saved_runs, saved_runs_parser  # benchmarks/ is the script's folder
+from hybrid_levers import by_setting, heads_of, load_saved_runs, measure_each, saved_runs_parser  # benchmarks/ is the script's folder
 from sdray import config as config_lib
 from sdray.evaluation import dedupe, encode, head_tau, sparse_scores
 from sdray.fusion import FusionConfig
@@ -146,13 +145,9 @@ def main(argv=None) -> int:
     if loaded is None:
         return 2
     rows, val, test = loaded
-    results = []
-    for row in rows:
-        results.append(measure(args.runs, row, val, test, args.w2, args.powers, args.slopes,
-                               [None if n == "none" else n for n in args.normalize]))
-        print(f"{row['name']} seed {row['seed']} done", file=sys.stderr, flush=True)
-        if args.json:
-            print(json.dumps(results[-1]), flush=True)
+    normalize = [None if n == "none" else n for n in args.normalize]
+    results = measure_each(rows, lambda row: measure(args.runs, row, val, test, args.w2, args.powers,
+                                                     args.slopes, normalize), args.json)
     print(table(results))
     return 0
 

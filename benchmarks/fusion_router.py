@@ -41,14 +41,13 @@ over the runs' seeds (pessimistic ties, as :mod:`sdray.metrics`).
 
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
 import torch
 
 from fusion_ceiling import W2_FINE, hits_per_weight, t2i_queries, top1_hits  # benchmarks/ is the script's folder
-from hybrid_levers import by_setting, heads_of, load_saved_runs, saved_runs_parser
+from hybrid_levers import by_setting, heads_of, load_saved_runs, measure_each, saved_runs_parser
 from sdray import config as config_lib
 from sdray.evaluation import head_tau
 from sdray.metrics import ranking_metrics
@@ -298,12 +297,8 @@ def main(argv=None) -> int:
     if loaded is None:
         return 2
     rows, val, test = loaded
-    results = []
-    for row in rows:
-        results.append(measure(args.runs, row, val, test, args.grid, args.folds, args.repeats))
-        print(f"{row['name']} seed {row['seed']} done", file=sys.stderr, flush=True)
-        if args.json:
-            print(json.dumps(results[-1]), flush=True)
+    results = measure_each(rows, lambda row: measure(args.runs, row, val, test, args.grid, args.folds,
+                                                     args.repeats), args.json)
     print(table(results))
     return 0
 

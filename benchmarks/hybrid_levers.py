@@ -73,6 +73,18 @@ def load_saved_runs(args: argparse.Namespace, *splits: str) -> tuple | None:
                     for s in splits))
 
 
+def measure_each(rows: list[dict], measure_row, as_json: bool) -> list[dict]:
+    """``measure_row(row)`` for every sweep row, a progress line on stderr after each and, with
+    ``as_json``, its figures as one JSON line on stdout."""
+    results = []
+    for row in rows:
+        results.append(measure_row(row))
+        print(f"{row['name']} seed {row['seed']} done", file=sys.stderr, flush=True)
+        if as_json:
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def by_setting(results: list[dict]) -> dict[str, list[dict]]:
     """Per-seed results grouped by setting name, in the order first seen."""
     by: dict[str, list[dict]] = {}
@@ -201,12 +213,7 @@ def main(argv=None) -> int:
     if loaded is None:
         return 2
     rows, data = loaded
-    results = []
-    for row in rows:
-        results.append(measure(args.runs, row, data, args.depths, args.topk))
-        print(f"{row['name']} seed {row['seed']} done", file=sys.stderr, flush=True)
-        if args.json:
-            print(json.dumps(results[-1]), flush=True)
+    results = measure_each(rows, lambda row: measure(args.runs, row, data, args.depths, args.topk), args.json)
     print(tables(results))
     return 0
 
